@@ -18,12 +18,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from zsadkit.data.records import Sample
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SMOKE_DATA_ROOT = REPO_ROOT / "data" / "synthetic"
 
 PROFILES = ("smoke", "paper")
+WEIGHT_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".npz")
 
 
 @dataclass
@@ -68,6 +71,19 @@ class RunConfig:
         path = Path(self.out_dir)
         path.mkdir(parents=True, exist_ok=True)
         return path
+
+    def load_backbone(self) -> torch.nn.Module:
+        """The CLIP of this run: `pretrained` is an open_clip tag ("openai") or a local weights file.
+
+        With a file, the architecture comes from `backbone` when it names an open_clip config, otherwise it is
+        inferred from the weights. "" gives the seeded random model (the smoke profile).
+        """
+        from zsadkit.models import load_clip
+
+        common = dict(image_size=self.image_size, device=self.device, seed=self.seed)
+        if self.pretrained and Path(self.pretrained).suffix in WEIGHT_FILE_SUFFIXES:
+            return load_clip(self.backbone or None, checkpoint=self.pretrained, **common)
+        return load_clip(self.backbone, self.pretrained or None, **common)
 
     def banner(self) -> str:
         """A line every notebook prints first, so no reader mistakes a smoke number for a result."""

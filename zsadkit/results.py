@@ -80,7 +80,10 @@ def tidy(metrics: pd.DataFrame, provenance: Provenance) -> pd.DataFrame:
         frame["note"] = ""
     for name, value in asdict(provenance).items():
         frame[name] = value
-    return frame[list(RESULT_COLUMNS)].reset_index(drop=True)
+    extra = [c for c in frame.columns if c not in RESULT_COLUMNS]  # e.g. n_classes of the mean rows
+    return frame[[*RESULT_COLUMNS[: RESULT_COLUMNS.index("note") + 1], *extra, *PROVENANCE_COLUMNS]].reset_index(
+        drop=True
+    )
 
 
 def write_results(frame: pd.DataFrame, path: str | Path) -> Path:
