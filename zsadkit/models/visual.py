@@ -1,0 +1,342 @@
+"""The CLIP image tower with the hooks ZSAD methods need: layer taps, attention variants, head weights, adapters.
+
+`VisualEncoder` wraps an open_clip ``VisionTransformer`` (``model.visual``, ``batch_first=True`` in open_clip 3.x)
+without copying its weights. One forward returns, for a list of 1-indexed layers, the tokens after those blocks
+(raw, through ``ln_post``, or through ``ln_post`` and ``proj``) and the global embedding (with or without
+``ln_post``). Attention variants (DPAM's V-V and friends) are configured by an `AttentionVariant`:
+
+* ``path="dual"`` (AnomalyCLIP DPAM, spec §2, the CLIP-Surgery design): from ``first_layer`` on, a second
+  stream accumulates the variant attention computed from ``ln_1`` of the *unmodified* stream, with no MLP and no
+  LayerNorm of its own: ``x_side = h^(f-1) + Σ_{k=f..l} Out_k(variant(ln_1(h^(k-1))))``. The original stream is
+  standard CLIP, so the global embedding is unchanged. Tapped layers ≥ ``first_layer`` return the side stream.
+* ``path="single"`` (AA-CLIP stage 1): the variant replaces the attention in the residual stream, MLP kept.
+
+Layers are 1-indexed, as in the papers. Nothing here is wrapped in ``torch.no_grad()``: callers that freeze the
+tower (AnomalyCLIP) wrap the call themselves; methods that train adapters inside it need the graph.
+
+Example:
+    >>> from zsadkit.models import load_clip, VisualEncoder, AttentionVariant
+    >>> encoder = VisualEncoder(load_clip("zsad-tiny", image_size=112))
+    >>> out = encoder(torch.zeros(2, 3, 112, 112), layers=[4], global_ln_post=False,
+    ...               attention=AttentionVariant(("vv",), first_layer=2))
+    >>> out.layer_tokens[0].shape, out.global_embedding.shape
+    (torch.Size([2, 50, 32]), torch.Size([2, 32]))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
+from torch import nn
+
+from zsadkit.models.attention import (
+    HeadWeighting,
+    check_modes,
+    head_attention,
+    merge_heads,
+    project_qkv,
+    weight_heads,
+)
+
+TokenOutput = Literal["raw", "ln_post", "projected"]
+Adapter = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class AttentionVariant:
+    """Which attention variant to run from which layer on, and how it enters the network.
+
+    Attributes:
+        modes: variants from ``("qk", "qq", "kk", "vv")``; several are averaged (e.g. ``("vv", "qq")``).
+        first_layer: first 1-indexed layer using the variant; it applies to all later layers too. A value
+            larger than the number of layers switches the variant off.
+        path: ``"dual"`` (AnomalyCLIP DPAM: a side stream, no MLP, the original stream untouched) or
+            ``"single"`` (AA-CLIP: the variant replaces the residual-stream attention, MLP kept).
+        batch_mixing: reproduce AA-CLIP's layout bug, where the variant attention runs across the images of the
+            batch at each token position (aaclip spec §4.3). Off = the correct per-image attention.
+    """
+
+    modes: tuple[str, ...] = ("vv",)
+    first_layer: int = 1
+    path: Literal["dual", "single"] = "dual"
+    batch_mixing: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "modes", check_modes(self.modes))
+        if self.first_layer < 1:
+            raise ValueError(f"AttentionVariant.first_layer is 1-indexed, got {self.first_layer}")
+        if self.path not in ("dual", "single"):
+            raise ValueError(f"AttentionVariant.path must be 'dual' or 'single', got {self.path!r}")
+
+    @classmethod
+    def from_dpam_layer(cls, dpam_layer: int, num_layers: int, modes: Sequence[str] = ("vv",)) -> AttentionVariant:
+        """The dual-path variant that AnomalyCLIP's ``DAPM_replace(DPAM_layer=dpam_layer)`` builds.
+
+        The reference replaces the last ``dpam_layer - 1`` blocks, so the first DPAM layer is
+        ``num_layers - dpam_layer + 2`` (ViT-L: ``DPAM_layer=20`` → layer 6; ``DPAM_layer=1`` → none).
+        """
+        if dpam_layer < 1:
+            raise ValueError(f"DPAM_layer must be >= 1, got {dpam_layer}")
+        return cls(tuple(modes), first_layer=max(1, num_layers - dpam_layer + 2), path="dual")
+
+
+@dataclass
+class VisualFeatures:
+    """Output of `VisualEncoder.forward`.
+
+    Attributes:
+        layers: the tapped 1-indexed layers, in the order asked for.
+        layer_tokens: one (B, 1+N, C) tensor per tapped layer, CLS token at index 0; C = W for ``"raw"`` and
+            ``"ln_post"``, D for ``"projected"``. Side stream for dual-path layers ≥ ``first_layer``.
+        global_embedding: (B, D) CLS of the final original stream (@ proj, with or without ``ln_post``);
+            None when ``return_global=False``.
+        final_tokens: (B, 1+N, W) raw output of the last block (original stream); None when stopped early.
+    """
+
+    layers: tuple[int, ...]
+    layer_tokens: tuple[torch.Tensor, ...]
+    global_embedding: torch.Tensor | None
+    final_tokens: torch.Tensor | None
+
+    @property
+    def patch_tokens(self) -> tuple[torch.Tensor, ...]:
+        """The tapped tokens without the CLS token: one (B, N, C) tensor per layer."""
+        return tuple(tokens[:, 1:] for tokens in self.layer_tokens)
+
+
+def sliding_windows(grid_size: int, window: int, stride: int = 1) -> torch.Tensor:
+    """Patch indices of all square windows on a G×G patch grid (row-major windows, row-major inside).
+
+    Args:
+        grid_size: patch-grid side G.
+        window: window side in patches (WinCLIP: 2 and 3).
+        stride: step in patches.
+
+    Returns:
+        (num_windows, window²) long tensor of indices into the N = G² patch tokens (CLS excluded).
+    """
+    if not 1 <= window <= grid_size or stride < 1:
+        raise ValueError(f"window must be in [1, {grid_size}] and stride >= 1, got window={window}, stride={stride}")
+    grid = torch.arange(grid_size * grid_size).view(grid_size, grid_size)
+    patches = grid.unfold(0, window, stride).unfold(1, window, stride)  # (nh, nw, window, window)
+    return patches.reshape(-1, window * window)
+
+
+class VisualEncoder(nn.Module):
+    """Hookable forward over an open_clip ViT image tower (weights shared with the wrapped model).
+
+    Args:
+        clip: an open_clip ``CLIP`` (its ``.visual`` is used) or a ``VisionTransformer``.
+    """
+
+    def __init__(self, clip: nn.Module) -> None:
+        super().__init__()
+        visual = getattr(clip, "visual", clip)
+        if not isinstance(visual, VisionTransformer):
+            raise TypeError(f"VisualEncoder needs an open_clip VisionTransformer, got {type(visual).__name__}")
+        if not visual.transformer.batch_first:
+            raise ValueError("VisualEncoder expects the open_clip 3.x batch_first vision transformer")
+        if visual.attn_pool is not None or visual.pool_type != "tok" or visual.final_ln_after_pool:
+            raise ValueError("VisualEncoder supports class-token pooling only (CLIP ViTs), not attentional/avg pooling")
+        if not all(isinstance(block, ResidualAttentionBlock) for block in visual.transformer.resblocks):
+            raise ValueError("VisualEncoder supports the default open_clip ResidualAttentionBlock only")
+        self.visual = visual
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        """The residual attention blocks; block ``l`` (1-indexed) is ``blocks[l - 1]``."""
+        return self.visual.transformer.resblocks
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def width(self) -> int:
+        """Transformer width W."""
+        return self.visual.transformer.width
+
+    @property
+    def num_heads(self) -> int:
+        return self.blocks[0].attn.num_heads
+
+    @property
+    def embed_dim(self) -> int:
+        """Joint embedding dimension D (columns of ``proj``)."""
+        return self.visual.proj.shape[1]
+
+    @property
+    def grid_size(self) -> int:
+        """Patch-grid side G at the current image size."""
+        return self.visual.grid_size[0]
+
+    @property
+    def image_size(self) -> int:
+        return self.visual.image_size[0]
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Patch + class embedding, positional embedding and ``ln_pre``.
+
+        Args:
+            images: (B, 3, S, S) normalised images, S = the size the model was loaded for.
+
+        Returns:
+            (B, 1 + N, W) tokens entering block 1, CLS first.
+        """
+        if images.ndim != 4 or images.shape[1] != 3 or tuple(images.shape[-2:]) != self.visual.image_size:
+            raise ValueError(
+                f"images must be (B, 3, {self.image_size}, {self.image_size}) for this model "
+                f"(load_clip(image_size=...) sets the size), got {tuple(images.shape)}"
+            )
+        visual = self.visual
+        patches = visual.conv1(images.to(visual.conv1.weight.dtype)).flatten(2).transpose(1, 2)  # (B, N, W)
+        class_token = visual.class_embedding.to(patches.dtype).expand(patches.shape[0], 1, -1)
+        tokens = torch.cat([class_token, patches], dim=1) + visual.positional_embedding.to(patches.dtype)
+        return visual.ln_pre(visual.patch_dropout(tokens))
+
+    def project_tokens(self, tokens: torch.Tensor, output: TokenOutput = "projected") -> torch.Tensor:
+        """Map residual-stream tokens (..., W) to ``"raw"`` (unchanged), ``"ln_post"`` or ``"projected"`` (..., D)."""
+        if output == "raw":
+            return tokens
+        if output == "ln_post":
+            return self.visual.ln_post(tokens)
+        if output == "projected":
+            return self.visual.ln_post(tokens) @ self.visual.proj
+        raise ValueError(f"tokens must be 'raw', 'ln_post' or 'projected', got {output!r}")
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        layers: Sequence[int] = (),
+        *,
+        tokens: TokenOutput = "projected",
+        global_ln_post: bool = True,
+        attention: AttentionVariant | None = None,
+        head_weights: Mapping[int, HeadWeighting] | None = None,
+        side_head_weights: Mapping[int, HeadWeighting] | None = None,
+        adapters: Mapping[int, Adapter] | None = None,
+        return_global: bool = True,
+    ) -> VisualFeatures:
+        """Run the image tower once, batched, and return tapped layers and the global embedding.
+
+        Args:
+            images: (B, 3, S, S) normalised images.
+            layers: 1-indexed blocks whose output to return (AnomalyCLIP: ``[24]``; VAND: ``[6, 12, 18, 24]``).
+            tokens: ``"projected"`` (``ln_post`` then ``proj``; AnomalyCLIP, CLIP baseline), ``"ln_post"``
+                (AA-CLIP's own projections) or ``"raw"`` (VAND, InCTRL).
+            global_ln_post: apply ``ln_post`` to the global CLS token (plain CLIP: True; AnomalyCLIP: False, #14).
+            attention: attention variant (DPAM etc.); None = plain CLIP.
+            head_weights: {layer: weighting} scaling each head's output before ``out_proj`` in the residual
+                stream (HeadCLIP); a tensor (H,) or (B, H), or a callable on (B, H, N, Dh).
+            side_head_weights: the same for the dual-path side stream.
+            adapters: {layer: module} applied to the residual stream after that block (AA-CLIP residual
+                adapters: the module returns the fused tokens, e.g. ``λ·Â(h) + (1−λ)·h``).
+            return_global: False stops after the deepest tapped layer and returns no global embedding.
+
+        Returns:
+            `VisualFeatures`.
+        """
+        layers = tuple(int(layer) for layer in layers)
+        num_layers = self.num_layers
+        head_weights = dict(head_weights or {})
+        side_head_weights = dict(side_head_weights or {})
+        adapters = dict(adapters or {})
+        for name, keys in (("layers", layers), ("head_weights", head_weights), ("side_head_weights", side_head_weights),
+                           ("adapters", adapters)):
+            bad = [layer for layer in keys if not 1 <= layer <= num_layers]
+            if bad:
+                raise ValueError(f"{name}: layers are 1-indexed in [1, {num_layers}], got {bad}")
+        first_variant = attention.first_layer if attention is not None else num_layers + 1
+        if side_head_weights and (attention is None or attention.path != "dual"
+                                  or min(side_head_weights) < first_variant):
+            raise ValueError("side_head_weights need a dual-path AttentionVariant active at those layers")
+        if not return_global and not layers:
+            raise ValueError("return_global=False needs at least one layer to tap")
+        last_layer = num_layers if return_global else max(layers)
+
+        hidden = self.embed(images)
+        side: torch.Tensor | None = None
+        taps: dict[int, torch.Tensor] = {}
+        for layer in range(1, last_layer + 1):
+            block = self.blocks[layer - 1]
+            variant_active = layer >= first_variant
+            if not variant_active and layer not in head_weights:
+                hidden = block(hidden)
+            else:
+                q, k, v = project_qkv(block.attn, block.ln_1(hidden))
+                single = variant_active and attention.path == "single"
+                main_heads = head_attention(
+                    q, k, v, attention.modes if single else ("qk",), batch_mixing=single and attention.batch_mixing
+                )
+                main_out = merge_heads(block.attn, weight_heads(main_heads, head_weights.get(layer)))
+                if variant_active and attention.path == "dual":
+                    side_heads = head_attention(q, k, v, attention.modes, batch_mixing=attention.batch_mixing)
+                    side_out = merge_heads(block.attn, weight_heads(side_heads, side_head_weights.get(layer)))
+                    side = (hidden if side is None else side) + block.ls_1(side_out)
+                hidden = hidden + block.ls_1(main_out)
+                hidden = hidden + block.ls_2(block.mlp(block.ln_2(hidden)))
+            if layer in adapters:
+                hidden = adapters[layer](hidden)
+            if layer in layers:
+                taps[layer] = side if side is not None else hidden
+
+        global_embedding = None
+        if return_global:
+            cls_token = hidden[:, 0]
+            if global_ln_post:
+                cls_token = self.visual.ln_post(cls_token)
+            global_embedding = cls_token @ self.visual.proj
+        return VisualFeatures(
+            layers=layers,
+            layer_tokens=tuple(self.project_tokens(taps[layer], tokens) for layer in layers),
+            global_embedding=global_embedding,
+            final_tokens=hidden if last_layer == num_layers else None,
+        )
+
+    def encode_windows(
+        self, images: torch.Tensor, windows: torch.Tensor, *, windows_per_pass: int | None = None
+    ) -> torch.Tensor:
+        """Embed many token windows per image in one batched pass (WinCLIP's masked-token windows).
+
+        For every image and window, the sequence [CLS, the window's patch tokens] (taken after the positional
+        embedding; ``ln_pre`` acts per token, so before/after it is the same) runs through the full ViT with
+        standard attention; the window embedding is the output CLS → ``ln_post`` → ``proj`` (baselines spec §3.1).
+        A window covering the whole grid gives the ordinary CLIP image embedding.
+
+        Args:
+            images: (B, 3, S, S) normalised images.
+            windows: (W, K) long tensor of patch indices in [0, N) (CLS excluded), e.g. from `sliding_windows`.
+            windows_per_pass: bound on memory: run at most this many windows (× B images) per transformer pass.
+                None = all windows at once.
+
+        Returns:
+            (B, W, D) window embeddings (not normalised).
+        """
+        if windows.ndim != 2 or windows.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"windows must be a (W, K) integer tensor of patch indices, got {windows.dtype} "
+                             f"{tuple(windows.shape)}")
+        num_patches = self.grid_size**2
+        if windows.numel() and (int(windows.min()) < 0 or int(windows.max()) >= num_patches):
+            raise ValueError(f"window indices must lie in [0, {num_patches}) for a {self.grid_size}² grid")
+        tokens = self.embed(images)
+        windows = windows.to(tokens.device).long()
+        step = windows.shape[0] if windows_per_pass is None else max(1, int(windows_per_pass))
+        embeddings = [self._encode_window_chunk(tokens, windows[start : start + step])
+                      for start in range(0, windows.shape[0], step)]
+        return torch.cat(embeddings, dim=1)
+
+    def _encode_window_chunk(self, tokens: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
+        """(B, 1+N, width) embedded tokens, (W, K) windows → (B, W, D) window CLS embeddings."""
+        batch, width = tokens.shape[0], tokens.shape[-1]
+        num_windows, window_len = windows.shape
+        window_tokens = tokens[:, windows + 1]  # (B, W, K, width); +1 skips the CLS token
+        class_tokens = tokens[:, :1].unsqueeze(1).expand(batch, num_windows, 1, width)
+        sequences = torch.cat([class_tokens, window_tokens], dim=2).reshape(batch * num_windows, 1 + window_len, width)
+        for block in self.blocks:
+            sequences = block(sequences)
+        embeddings = self.visual.ln_post(sequences[:, 0]) @ self.visual.proj
+        return embeddings.view(batch, num_windows, -1)
