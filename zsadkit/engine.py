@@ -74,5 +74,6 @@ def evaluate(
             prediction.image_scores,
             masks=batch["mask"] if has_masks else None,
             maps=prediction.anomaly_maps if has_masks else None,
+            sample_ids=list(batch["image_path"]),
         )
     return evaluator.compute()

@@ -1,0 +1,29 @@
+"""Metrics shared by every method: image and pixel AUROC / AP / F1-max, two AU-PRO variants, an evaluator.
+
+See docs/metrics.md for which paper reports which metric and why two AU-PRO variants exist.
+
+Example:
+    >>> import numpy as np
+    >>> from zsadkit.metrics import image_auroc
+    >>> image_auroc([0, 0, 1, 1], np.array([0.1, 0.4, 0.35, 0.8]))
+    0.75
+"""
+
+from zsadkit.metrics.evaluator import Evaluator, mad
+from zsadkit.metrics.pro import aupro, aupro_cflow200
+from zsadkit.metrics.ranking import f1_max, image_ap, image_auroc, pixel_ap, pixel_auroc, pixel_f1_max
+from zsadkit.metrics.validation import UndefinedMetricError
+
+__all__ = [
+    "Evaluator",
+    "UndefinedMetricError",
+    "aupro",
+    "aupro_cflow200",
+    "f1_max",
+    "image_ap",
+    "image_auroc",
+    "mad",
+    "pixel_ap",
+    "pixel_auroc",
+    "pixel_f1_max",
+]
