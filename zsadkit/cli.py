@@ -1,0 +1,162 @@
+"""The `zsadkit` console script: `zsadkit <command> <subcommand> ...`.
+
+    zsadkit data list
+    zsadkit data prepare NAME --raw DIR --root DATA_ROOT [--protocol P] [--download] [--counts FILE]
+    zsadkit data check --root DATA_ROOT
+    zsadkit data from-folder DIR --out manifest.csv
+
+Each command group registers itself with `add_<group>_commands(subparsers)`; a subcommand sets
+`func(args) -> int`. Bad input (`ValueError`, which every `zsadkit.data` error is) prints one clear
+message and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import yaml
+
+from zsadkit.data.catalog import available_datasets, dataset_status, get_dataset_spec
+from zsadkit.data.from_folder import manifest_from_folder
+from zsadkit.data.prepare import prepare_dataset
+
+
+def _data_list(args: argparse.Namespace) -> int:
+    for name in available_datasets():
+        spec = get_dataset_spec(name)
+        print(f"{name:<14} {spec.title:<44} protocols: {', '.join(spec.protocols)}  [{spec.licence}]")
+    return 0
+
+
+def _data_prepare(args: argparse.Namespace) -> int:
+    expected = None
+    if args.counts is not None:
+        expected = yaml.safe_load(Path(args.counts).read_text())
+        if not isinstance(expected, dict):
+            raise ValueError(f"{args.counts}: expected a mapping protocol -> {{test: {{total, per_class}}}}")
+    results = prepare_dataset(
+        args.name,
+        args.raw,
+        args.root,
+        args.protocol,
+        fetch=args.download,
+        force=args.force,
+        keep_raw=args.keep_raw,
+        expected_counts=expected,
+    )
+    if all(r.skipped for r in results):
+        print(
+            f"error: no raw data of {args.name} found in {args.raw}: "
+            + "; ".join(r.skipped for r in results),
+            file=sys.stderr,
+        )
+        return 2
+    return 0
+
+
+def _data_check(args: argparse.Namespace) -> int:
+    statuses = dataset_status(args.root, args.names or None)
+    print(f"{'dataset':<14} {'protocol':<16} {'state':<9} {'test normal / anomalous':<24} note")
+    for status in statuses:
+        state = "ready" if status.ready else "missing"
+        counts = ""
+        if status.test_counts:
+            normal = sum(c[0] for c in status.test_counts.values())
+            anomalous = sum(c[1] for c in status.test_counts.values())
+            published = {True: "", False: " (!)", None: " (unpublished)"}[status.matches_published]
+            counts = f"{normal} / {anomalous}{published}"
+        print(f"{status.dataset:<14} {status.protocol:<16} {state:<9} {counts:<24} {status.detail}")
+    ready = sum(s.ready for s in statuses)
+    print(
+        f"{ready} of {len(statuses)} dataset protocols ready under {Path(args.root).expanduser().resolve()}"
+    )
+    return 0
+
+
+def _data_from_folder(args: argparse.Namespace) -> int:
+    samples = manifest_from_folder(
+        args.folder, args.out, root=args.root, class_name=args.class_name, dataset=args.dataset
+    )
+    normal = sum(s.label == 0 for s in samples)
+    masked = sum(s.mask is not None for s in samples)
+    print(
+        f"{args.out}: {normal} normal, {len(samples) - normal} anomalous ({masked} with masks); paths relative "
+        f"to {Path(args.root or args.folder).expanduser().resolve()}"
+    )
+    return 0
+
+
+def add_data_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Register `zsadkit data ...`."""
+    data = subparsers.add_parser("data", help="benchmark datasets: prepare, check, list, from-folder")
+    commands = data.add_subparsers(dest="data_command", required=True)
+
+    listing = commands.add_parser("list", help="datasets with a manifest and their protocols")
+    listing.set_defaults(func=_data_list)
+
+    prepare = commands.add_parser(
+        "prepare", help="verify, extract and convert a dataset; write its manifests"
+    )
+    prepare.add_argument("name", help="dataset name (see `zsadkit data list`)")
+    prepare.add_argument(
+        "--raw", required=True, help="folder holding the downloaded archives (or extracted data)"
+    )
+    prepare.add_argument("--root", required=True, help="data root; output goes to ROOT/NAME/")
+    prepare.add_argument(
+        "--protocol", help="one protocol (default: every protocol whose raw data is present)"
+    )
+    prepare.add_argument(
+        "--download",
+        action="store_true",
+        help="download missing archives that have a stable public link (resumable, verified)",
+    )
+    prepare.add_argument("--force", action="store_true", help="rebuild the canonical copy even if it exists")
+    prepare.add_argument(
+        "--keep-raw", action="store_true", help="keep the extracted archives in ROOT/NAME/.staging"
+    )
+    prepare.add_argument(
+        "--counts",
+        help="YAML file of expected counts replacing the published ones: "
+        "{protocol: {test: {total: [n, a], per_class: {cls: [n, a]}}}}",
+    )
+    prepare.set_defaults(func=_data_prepare)
+
+    check = commands.add_parser("check", help="which datasets are ready under a data root, with counts")
+    check.add_argument("--root", required=True, help="the data root")
+    check.add_argument("names", nargs="*", help="datasets to check (default: all)")
+    check.set_defaults(func=_data_check)
+
+    from_folder = commands.add_parser(
+        "from-folder", help="a manifest from good/, bad/ and optional masks/ folders"
+    )
+    from_folder.add_argument("folder", help="folder holding good/ and bad/ (and optionally masks/)")
+    from_folder.add_argument("--out", required=True, help="manifest to write (.csv or .jsonl)")
+    from_folder.add_argument("--root", help="paths are written relative to this folder (default: FOLDER)")
+    from_folder.add_argument("--class-name", help="class name of every record (default: the folder name)")
+    from_folder.add_argument("--dataset", help="dataset name of every record (default: the folder name)")
+    from_folder.set_defaults(func=_data_from_folder)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `zsadkit` argument parser with every command group."""
+    parser = argparse.ArgumentParser(prog="zsadkit", description="CLIP zero-shot anomaly detection kit")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    add_data_commands(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `zsadkit` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""A user's own images as a manifest: `zsadkit data from-folder DIR --out manifest.csv`.
+
+    DIR/good/*.png            normal images
+    DIR/bad/*.png             anomalous images (defect "bad"), or DIR/bad/<defect>/*.png
+    DIR/masks/<stem>.png      optional pixel masks, matched to anomalous images by stem
+                              (`<stem>.*` or `<stem>_mask.*`)
+
+Anomalous images without a mask are image-level only (`mask` empty). A mask whose stem matches no
+anomalous image, or two masks for one image, is an error. Paths are written relative to `root`
+(default: DIR itself), so `read_manifest(out, root=DIR)` gives absolute paths back.
+
+Example:
+    >>> samples = manifest_from_folder("my_parts", "my_parts/manifest.csv")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from zsadkit.data.errors import LayoutError, MaskError
+from zsadkit.data.layouts import images_in, visible_entries
+from zsadkit.data.records import Sample, write_manifest
+
+NORMAL_DIR, ANOMALOUS_DIR, MASK_DIR = "good", "bad", "masks"
+
+
+def _anomalous_images(bad: Path) -> list[tuple[Path, str]]:
+    entries = visible_entries(bad)
+    if any(p.is_dir() for p in entries):
+        if any(p.is_file() for p in entries):
+            raise LayoutError(f"{bad}: mixes image files and defect folders; use one or the other")
+        return [(image, folder.name) for folder in entries for image in images_in(folder, "anomalous image")]
+    return [(image, "bad") for image in images_in(bad, "anomalous image")]
+
+
+def _masks_by_stem(mask_dir: Path) -> dict[str, Path]:
+    masks: dict[str, Path] = {}
+    for mask in images_in(mask_dir, "mask"):
+        stem = mask.stem.removesuffix("_mask")
+        if stem in masks:
+            raise MaskError(f"{mask} and {masks[stem]}: two masks for the image stem {stem!r}")
+        masks[stem] = mask
+    return masks
+
+
+def manifest_from_folder(
+    folder: str | Path,
+    out: str | Path | None = None,
+    *,
+    root: str | Path | None = None,
+    class_name: str | None = None,
+    dataset: str | None = None,
+) -> list[Sample]:
+    """Build (and with `out`, write) a test manifest from good/, bad/ and optional masks/ folders.
+
+    Args:
+        folder: the folder holding good/ and bad/.
+        out: CSV or JSONL file to write; None only returns the records.
+        root: paths are written relative to it (default: `folder`).
+        class_name / dataset: written into every record (default: the folder's name).
+
+    Raises:
+        LayoutError: good/ or bad/ missing or empty, stray files, duplicate image stems.
+        MaskError: a mask matching no anomalous image, or two masks for one image.
+    """
+    folder = Path(folder).expanduser().resolve()
+    root = folder if root is None else Path(root).expanduser().resolve()
+    class_name = class_name or folder.name
+    dataset = dataset or folder.name
+    for name in (NORMAL_DIR, ANOMALOUS_DIR):
+        if not (folder / name).is_dir():
+            raise LayoutError(
+                f"{folder / name}: folder is missing; expected {folder}/good/ (normal images) and "
+                f"{folder}/bad/ (anomalous images), optional {folder}/masks/"
+            )
+    anomalous = _anomalous_images(folder / ANOMALOUS_DIR)
+    stems: dict[str, Path] = {}
+    for image, _ in anomalous:
+        if image.stem in stems:
+            raise LayoutError(
+                f"{image} and {stems[image.stem]}: two anomalous images with the same stem; masks "
+                "are matched by stem"
+            )
+        stems[image.stem] = image
+    masks = _masks_by_stem(folder / MASK_DIR) if (folder / MASK_DIR).is_dir() else {}
+    orphans = sorted(set(masks) - set(stems))
+    if orphans:
+        raise MaskError(
+            f"{masks[orphans[0]]}: mask matches no anomalous image in {folder / ANOMALOUS_DIR} "
+            f"({len(orphans)} unmatched mask(s))"
+        )
+    samples = [
+        Sample(str(image), None, 0, class_name, "good", dataset, "test")
+        for image in images_in(folder / NORMAL_DIR, "normal image")
+    ]
+    samples += [
+        Sample(
+            str(image),
+            None if image.stem not in masks else str(masks[image.stem]),
+            1,
+            class_name,
+            defect,
+            dataset,
+            "test",
+        )
+        for image, defect in anomalous
+    ]
+    samples = [s.relative_to(root) for s in samples]
+    if out is not None:
+        write_manifest(samples, out)
+    return samples
