@@ -207,7 +207,7 @@ def test_from_folder_rejects_a_mask_without_an_image_and_a_missing_bad_folder(tm
         manifest_from_folder(tmp_path / "only_good")
 
 
-def test_docs_table_gives_the_prepare_command_of_every_dataset() -> None:
-    text = (Path(__file__).resolve().parents[1] / "docs" / "datasets.md").read_text()
+def test_readme_datasets_table_gives_the_prepare_command_of_every_dataset() -> None:
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     for name in available_datasets():
         assert f"| `{name}` |" in text and f"zsadkit data prepare {name} --raw DIR --root ROOT" in text, name
