@@ -26,7 +26,6 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 SMOKE_DATA_ROOT = REPO_ROOT / "data" / "synthetic"
 
 PROFILES = ("smoke", "paper")
-WEIGHT_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".npz")
 
 
 @dataclass
@@ -73,17 +72,10 @@ class RunConfig:
         return path
 
     def load_backbone(self) -> torch.nn.Module:
-        """The CLIP of this run: `pretrained` is an open_clip tag ("openai") or a local weights file.
+        """The CLIP of this run (`zsadkit.models.load_backbone`): `pretrained` is a tag, a weights file or ""."""
+        from zsadkit.models import load_backbone
 
-        With a file, the architecture comes from `backbone` when it names an open_clip config, otherwise it is
-        inferred from the weights. "" gives the seeded random model (the smoke profile).
-        """
-        from zsadkit.models import load_clip
-
-        common = dict(image_size=self.image_size, device=self.device, seed=self.seed)
-        if self.pretrained and Path(self.pretrained).suffix in WEIGHT_FILE_SUFFIXES:
-            return load_clip(self.backbone or None, checkpoint=self.pretrained, **common)
-        return load_clip(self.backbone, self.pretrained or None, **common)
+        return load_backbone(self.backbone, self.pretrained, self.image_size, self.device, self.seed)
 
     def banner(self) -> str:
         """A line every notebook prints first, so no reader mistakes a smoke number for a result."""

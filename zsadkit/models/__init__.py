@@ -18,6 +18,7 @@ from zsadkit.models.loader import (
     ClipSource,
     PretrainedWeightsUnavailableError,
     build_clip_from_openai_state_dict,
+    load_backbone,
     load_clip,
     read_checkpoint,
 )
@@ -26,6 +27,7 @@ from zsadkit.models.text import TextEncoder, tokenize
 from zsadkit.models.visual import AttentionVariant, VisualEncoder, VisualFeatures, sliding_windows
 
 __all__ = [
+    "load_backbone",
     "ATTENTION_MODES",
     "AttentionMode",
     "AttentionVariant",

@@ -382,3 +382,32 @@ def _create_open_clip(
             "(text tower built in, not CustomTextCLIP/CoCa)"
         )
     return clip
+
+
+def load_backbone(
+    backbone: str = "zsad-tiny",
+    pretrained: str = "",
+    image_size: int = 112,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    **loader_options,
+) -> CLIP:
+    """A CLIP from the notebooks' run settings (the fields of `zsadkit.experiment.RunConfig`).
+
+    Args:
+        backbone: open_clip config name ("ViT-L-14-336", "ViT-B-16-plus-240") or a built-in random model
+            ("zsad-tiny"); "openai-state-dict" with a weights file infers the architecture from the weights.
+        pretrained: "" (random weights, seeded), an open_clip pretrained tag ("openai", "laion400m_e31"), or
+            the path of a local weights file.
+        image_size: input side S.
+        device: torch device.
+        seed: seed of random weights.
+        **loader_options: passed to `load_clip` (``pos_embed_resize``, ``quick_gelu``, ...).
+    """
+    common = dict(image_size=image_size, device=device, **loader_options)
+    if not pretrained:
+        return load_clip(backbone, seed=seed, **common)
+    if Path(pretrained).is_file():
+        model = None if backbone == "openai-state-dict" else backbone
+        return load_clip(model, checkpoint=pretrained, **common)
+    return load_clip(backbone, pretrained, **common)

@@ -1,0 +1,46 @@
+"""RunConfig: profiles, the weights label and banner, and loading the backbone from a tag, a file or nothing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from zsadkit.experiment import RunConfig, load_split
+from zsadkit.models import load_clip
+
+
+def test_unknown_profile_is_rejected_with_the_allowed_names() -> None:
+    with pytest.raises(ValueError, match="profile must be one of"):
+        RunConfig(profile="nightly")
+
+
+def test_smoke_banner_says_the_weights_are_random() -> None:
+    cfg = RunConfig()
+    assert cfg.weights_label == "random"
+    assert "RANDOM weights" in cfg.banner()
+    assert "RANDOM" not in RunConfig(pretrained="openai").banner()
+
+
+def test_backbone_from_a_weights_file_has_the_file_weights(tmp_path: Path) -> None:
+    reference = load_clip("zsad-tiny", image_size=64, seed=3)
+    path = tmp_path / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, str(path))
+    cfg = RunConfig(backbone="zsad-tiny", pretrained=str(path), image_size=64, seed=0)
+    loaded = cfg.load_backbone()
+    assert loaded.zsad_source.checkpoint == str(path) and not loaded.zsad_source.random_init
+    for name, value in reference.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value), name
+    different_seed = RunConfig(backbone="zsad-tiny", image_size=64, seed=0).load_backbone()
+    assert not torch.equal(different_seed.visual.proj, reference.visual.proj)
+
+
+def test_smoke_datasets_are_the_synthetic_aux_and_target_groups() -> None:
+    cfg = RunConfig()
+    aux, target = load_split(cfg, "synth-aux"), load_split(cfg, "synth-target")
+    assert {s.class_name for s in aux}.isdisjoint({s.class_name for s in target})
+    assert {s.label for s in target} == {0, 1}
+    with pytest.raises(KeyError, match="only the synthetic datasets"):
+        load_split(cfg, "mvtec")
