@@ -1,0 +1,47 @@
+"""`python -m zsadkit.verify anomalyclip DIR` passes on the fixture copy and fails when an array is changed."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+FIXTURES = Path(__file__).parent / "fixtures" / "anomalyclip"
+
+
+def run_verify(directory: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "zsadkit.verify", "anomalyclip", str(directory)],
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_verify_passes_on_the_reference_fixture() -> None:
+    result = run_verify(FIXTURES)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = [line for line in result.stdout.splitlines() if line.startswith(("ok", "FAIL"))]
+    assert len(lines) >= 100 and all(line.startswith("ok") for line in lines)
+    for expected in ("text.npz:text_features ", "visual_dpam.npz:patch_tokens", "scoring_top.npz:anomaly_map_smoothed",
+                     "train_all.npz:grad_step1__ctx_pos", "metrics_outputs.json:clsB__pixel-aupro",
+                     "e2e_test_py_metrics.json:top:03__pixel-auroc"):
+        assert any(expected in line for line in lines), expected
+    assert "arrays within tolerance" in result.stdout
+
+
+def test_verify_fails_and_names_the_array_when_a_reference_value_is_changed(tmp_path: Path) -> None:
+    for name in ("run_info.json", "state_dict.npz", "prompt_learner_init.npz", "inputs.npz"):
+        shutil.copy(FIXTURES / name, tmp_path / name)
+    text = dict(np.load(FIXTURES / "text.npz"))
+    text["text_features"] = text["text_features"] + 1e-3
+    np.savez(tmp_path / "text.npz", **text)
+    result = run_verify(tmp_path)
+    assert result.returncode == 1
+    assert any(line.startswith("FAIL") and "text.npz:text_features " in line for line in result.stdout.splitlines())
+    assert any(line.startswith("ok") and "text.npz:prompts" in line for line in result.stdout.splitlines())
+
+
+def test_verify_reports_missing_fixture_files(tmp_path: Path) -> None:
+    result = run_verify(tmp_path)
+    assert result.returncode != 0
+    assert "state_dict.npz" in result.stderr and "missing" in result.stderr

@@ -1,0 +1,31 @@
+"""`python -m zsadkit.verify <method> DIR`: run `zsadkit.verify.<method>.main(DIR)` and exit with its status."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+from pathlib import Path
+
+import zsadkit.verify
+
+
+def available_methods() -> list[str]:
+    return sorted(info.name for info in pkgutil.iter_modules(zsadkit.verify.__path__) if not info.name.startswith("_"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    methods = available_methods()
+    parser = argparse.ArgumentParser(prog="python -m zsadkit.verify", description=__doc__)
+    parser.add_argument("method", choices=methods, help="which method's fixtures to check")
+    parser.add_argument("directory", type=Path, help="fixture directory (e.g. tests/fixtures/anomalyclip)")
+    args = parser.parse_args(argv)
+    if not args.directory.is_dir():
+        parser.error(f"{args.directory} is not a directory")
+    module = importlib.import_module(f"zsadkit.verify.{args.method}")
+    return int(module.main(args.directory))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,322 @@
+"""Check zsadkit's AnomalyCLIP against golden outputs of the official code (`python -m zsadkit.verify anomalyclip DIR`).
+
+DIR has the layout of `tests/fixtures/anomalyclip/` (see its README): `run_info.json` (`cfg`), the tiny CLIP
+(`state_dict.npz`), the initial prompt learner (`prompt_learner_init.npz` and the checkpoint-format
+`prompt_learner_init_ckpt.pth`), `inputs.npz`, and the reference's text, visual, scoring, training, metric and
+end-to-end outputs. Everything is recomputed from the configuration in `run_info.json`, so fixture directories
+of other sizes, layer lists or seeds work too. Files of optional parts (metrics, end to end) are checked when
+present.
+
+Tolerances (fixture README, "Tolerances"): features, maps and scores atol = rtol = 1e-5; losses atol = rtol = 1e-5;
+context gradients rtol 1e-5, atol 1e-4; deep-prompt gradients (fp16-rounded per use) rtol 2e-3, atol 1e-2;
+parameters after Adam steps atol 1e-6, except the deep prompts after the second and later steps: their
+gradients differ by fp16 ulps, which Adam's normalised update turns into differences of a small fraction of
+lr = 1e-3 (measured ≤ 1.5e-5), so atol 5e-5 there (the README's "~1e-9" holds for the first step); metrics on the fixture's own maps 1e-9; end-to-end metrics (computed from
+our maps, which differ from the reference's by ≤ 1e-5) atol 1e-4.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from zsadkit.methods.anomalyclip import AnomalyCLIP, AnomalyCLIPConfig, import_official_prompt_learner
+from zsadkit.models import load_clip
+from zsadkit.verify import Comparison
+
+FEATURES = {"atol": 1e-5, "rtol": 1e-5}
+LOSSES = {"atol": 1e-5, "rtol": 1e-5}
+CONTEXT_GRADIENTS = {"atol": 1e-4, "rtol": 1e-5}
+DEEP_GRADIENTS = {"atol": 1e-2, "rtol": 2e-3}
+PARAMETERS = {"atol": 1e-6, "rtol": 0.0}
+DEEP_PARAMETERS_LATER_STEPS = {"atol": 5e-5, "rtol": 0.0}
+METRICS = {"atol": 1e-9, "rtol": 0.0}
+END_TO_END_METRICS = {"atol": 1e-4, "rtol": 0.0}
+EXACT = {"atol": 0.0, "rtol": 0.0}
+
+REQUIRED_FILES = ("run_info.json", "state_dict.npz", "prompt_learner_init.npz", "inputs.npz")
+
+
+def _load(directory: Path, name: str) -> dict[str, np.ndarray]:
+    with np.load(directory / name, allow_pickle=False) as arrays:
+        return {key: arrays[key] for key in arrays.files}
+
+
+class FixtureRun:
+    """The fixture's tiny CLIP and configuration; builds fresh `AnomalyCLIP` models with the initial prompts."""
+
+    def __init__(self, directory: Path) -> None:
+        missing = [name for name in REQUIRED_FILES if not (directory / name).is_file()]
+        if missing:
+            raise FileNotFoundError(f"AnomalyCLIP fixture {directory}: missing {missing} "
+                                    "(see tests/fixtures/anomalyclip/README.md for the layout)")
+        self.directory = directory
+        self.info = json.loads((directory / "run_info.json").read_text())
+        self.cfg = self.info["cfg"]
+        self.state_dict = {key: torch.from_numpy(value) for key, value in _load(directory, "state_dict.npz").items()}
+        self.initial_prompts = {k: torch.from_numpy(v) for k, v in _load(directory, "prompt_learner_init.npz").items()}
+        self.num_layers = int(self.cfg["vision_layers"])
+
+    def first_dpam_layer(self, dpam_layer_argument: int | None) -> int | None:
+        """Reference `DAPM_replace(DPAM_layer=n)` replaces the last n − 1 blocks: first = L − n + 2 (None: none)."""
+        if dpam_layer_argument is None or dpam_layer_argument <= 1:
+            return None
+        return self.num_layers - int(dpam_layer_argument) + 2
+
+    def config(self, features: list[int], dpam_layer_argument: int | None) -> AnomalyCLIPConfig:
+        return AnomalyCLIPConfig(
+            feature_layers=tuple(features),
+            dpam_first_layer=self.first_dpam_layer(dpam_layer_argument),
+            n_ctx=int(self.cfg["n_ctx"]),
+            deep_depth=int(self.cfg["depth"]),
+            deep_length=int(self.cfg["t_n_ctx"]),
+            temperature=float(self.cfg["temperature"]),
+            sigma=float(self.cfg["sigma"]),
+            lam=float(self.cfg["lam"]),
+        )
+
+    def model(self, features: list[int], dpam_layer_argument: int | None, load_prompts: bool = True) -> AnomalyCLIP:
+        clip = load_clip(state_dict=self.state_dict, image_size=int(self.cfg["image_size"]))
+        model = AnomalyCLIP(clip, self.config(features, dpam_layer_argument)).eval()
+        if load_prompts:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*compound_prompt_projections.*")
+                state = import_official_prompt_learner(self.initial_prompts, model, source="prompt_learner_init.npz")
+            model.load_prompt_state(state, source="prompt_learner_init.npz")
+        return model
+
+
+def check_text(run: FixtureRun, out: Comparison) -> None:
+    reference = _load(run.directory, "text.npz")
+    model = run.model(run.cfg["features_all"], run.cfg["DPAM_layer"])
+    prompts = model.prompt_learner()
+    out.check("text.npz:prompts", prompts.embeddings.detach(), reference["prompts"], **FEATURES)
+    out.check("text.npz:tokenized_prompts", prompts.token_ids, reference["tokenized_prompts"], **EXACT)
+    out.check("text.npz:eot_index", prompts.token_ids.argmax(dim=-1), reference["eot_index"], **EXACT)
+    out.check("text.npz:compound_prompts_text", torch.stack(prompts.deep_prompts).detach(),
+              reference["compound_prompts_text"], **FEATURES)
+    with torch.no_grad():
+        for suffix, rounding in (("", True), ("_no_fp16_rounding", False)):
+            raw = model.text.encode_embeddings(prompts.embeddings, prompts.token_ids,
+                                               deep_prompts=prompts.deep_prompts, deep_prompt_fp16_round=rounding)
+            normalised = raw.view(1, 2, -1) / raw.view(1, 2, -1).norm(dim=-1, keepdim=True)
+            out.check(f"text.npz:text_features_raw{suffix}", raw, reference[f"text_features_raw{suffix}"], **FEATURES)
+            out.check(f"text.npz:text_features{suffix}", normalised, reference[f"text_features{suffix}"], **FEATURES)
+    for crop in (True, False):
+        model.config = replace(model.config, crop_text_after_eot=crop)
+        with torch.no_grad():
+            out.check(f"text.npz:text_features (AnomalyCLIP.encode_text, {'tokens 0..EOT' if crop else 'all tokens'})",
+                      model.encode_text(), reference["text_features"], **FEATURES)
+
+
+def check_visual(run: FixtureRun, out: Comparison, images: torch.Tensor) -> None:
+    features_all = run.cfg["features_all"]
+    variants = {
+        "visual_dpam.npz": run.cfg["DPAM_layer"],
+        "visual_nodpam.npz": run.info.get("visual_nodpam_DPAM_layer_arg"),
+        "visual_dpam_all.npz": run.info.get("visual_dpam_all_DPAM_layer_arg", run.num_layers + 1),
+    }
+    for name, dpam_argument in variants.items():
+        if not (run.directory / name).is_file():
+            continue
+        reference = _load(run.directory, name)
+        model = run.model(features_all, dpam_argument, load_prompts=False)
+        features = model.encode_image(images)
+        out.check(f"{name}:image_features", features.global_embedding, reference["image_features"], **FEATURES)
+        if "image_features_normed" in reference:
+            normed = features.global_embedding / features.global_embedding.norm(dim=-1, keepdim=True)
+            out.check(f"{name}:image_features_normed", normed, reference["image_features_normed"], **FEATURES)
+        out.check(f"{name}:patch_tokens", features.layer_tokens[0], reference["patch_tokens"], **FEATURES)
+        if "raw_out_tokens" not in reference:
+            continue
+        visual = model.visual
+        all_layers = list(range(1, run.num_layers + 1))
+        with torch.no_grad():
+            variant = model.attention_variants[0]
+            raw = visual(images, features_all, tokens="raw", global_ln_post=False, attention=variant)
+            blocks = visual(images, all_layers, tokens="raw", global_ln_post=False, attention=variant)
+            plain = visual(images, all_layers, tokens="raw", global_ln_post=False, attention=None)
+            out.check(f"{name}:raw_out_tokens", torch.stack(raw.layer_tokens), reference["raw_out_tokens"], **FEATURES)
+            out.check(f"{name}:ln_pre_out", visual.embed(images), reference["ln_pre_out"], **FEATURES)
+            out.check(f"{name}:final_ori_tokens", raw.final_tokens, reference["final_ori_tokens"], **FEATURES)
+            out.check(f"{name}:block_vv", torch.stack(blocks.layer_tokens), reference["block_vv"], **FEATURES)
+            out.check(f"{name}:block_ori", torch.stack(plain.layer_tokens), reference["block_ori"], **FEATURES)
+        out.check(f"{name}:pos_embedding_state_dict", run.state_dict["visual.positional_embedding"],
+                  reference["pos_embedding_state_dict"], **EXACT)
+        out.check(f"{name}:pos_embedding_interpolated", visual.visual.positional_embedding.detach(),
+                  reference["pos_embedding_interpolated"], **FEATURES)
+
+
+def check_scoring(run: FixtureRun, out: Comparison, images: torch.Tensor) -> None:
+    for part in ("all", "top"):
+        name = f"scoring_{part}.npz"
+        if not (run.directory / name).is_file():
+            continue
+        reference = _load(run.directory, name)
+        model = run.model(run.cfg[f"features_{part}"], run.cfg["DPAM_layer"])
+        with torch.no_grad():
+            features = model.encode_image(images)
+            text = model.encode_text()
+            logits = model.image_logits(features.global_embedding, text)
+            token_probs = model.token_probabilities(features.layer_tokens, text)
+            state_maps = model.state_maps(token_probs)
+            layer_maps = (state_maps[..., 1] + 1 - state_maps[..., 0]) / 2
+            prediction = model.predict(images, ["object"] * images.shape[0])
+        out.check(f"{name}:features_list", list(model.config.feature_layers), reference["features_list"], **EXACT)
+        out.check(f"{name}:image_logits", logits * model.config.temperature, reference["image_logits"], **FEATURES)
+        out.check(f"{name}:image_probs", logits.softmax(-1), reference["image_probs"], **FEATURES)
+        out.check(f"{name}:image_score", prediction.image_scores, reference["image_score"], **FEATURES)
+        out.check(f"{name}:similarity", token_probs, reference["similarity"], **FEATURES)
+        out.check(f"{name}:similarity_map", state_maps, reference["similarity_map"], **FEATURES)
+        out.check(f"{name}:anomaly_map_layers", layer_maps, reference["anomaly_map_layers"], **FEATURES)
+        out.check(f"{name}:anomaly_map_sum", model.anomaly_maps(features.layer_tokens, text, smooth=False),
+                  reference["anomaly_map_sum"], **FEATURES)
+        out.check(f"{name}:anomaly_map_smoothed", prediction.anomaly_maps, reference["anomaly_map_smoothed"],
+                  **FEATURES)
+
+
+def check_training(run: FixtureRun, out: Comparison, images: torch.Tensor, masks: torch.Tensor,
+                   labels: torch.Tensor) -> None:
+    for part in ("all", "top"):
+        name = f"train_{part}.npz"
+        if not (run.directory / name).is_file():
+            continue
+        reference = _load(run.directory, name)
+        model = run.model(run.cfg[f"features_{part}"], run.cfg["DPAM_layer"]).train()
+        features = model.encode_image(images)
+        optimizer = torch.optim.Adam(model.prompt_learner.parameters(), lr=float(run.cfg["lr"]),
+                                     betas=tuple(run.cfg["betas"]))
+        records: dict[str, list] = {"image": [], "local": [], "loss": [], "per_layer": []}
+        for step in range(1, len(reference["losses_total"]) + 1):
+            losses = model.losses(features, masks, labels)
+            if step == 1:
+                out.check(f"{name}:gt_binarized", (masks > 0.5).float(), reference["gt_binarized"], **EXACT)
+                text = model.text_for_images([])
+                out.check(f"{name}:image_logits_over_T_step1",
+                          model.image_logits(features.global_embedding, text).detach(),
+                          reference["image_logits_over_T_step1"], **FEATURES)
+            for key in records:
+                records[key].append(losses[key].detach().numpy())
+            optimizer.zero_grad()
+            losses["loss"].backward()
+            gradients = _reference_named(model, lambda p: p.grad)
+            if step == 1:
+                for key, gradient in gradients.items():
+                    tolerance = CONTEXT_GRADIENTS if key.startswith("ctx_") else DEEP_GRADIENTS
+                    out.check(f"{name}:grad_step1__{key}", gradient, reference[f"grad_step1__{key}"], **tolerance)
+            optimizer.step()
+            if step in (1, len(reference["losses_total"])) and f"param_after_step{step}__ctx_pos" in reference:
+                for key, value in _reference_named(model, lambda p: p.detach()).items():
+                    later_deep = step > 1 and key.startswith("compound_prompts_text.")
+                    out.check(f"{name}:param_after_step{step}__{key}", value,
+                              reference[f"param_after_step{step}__{key}"],
+                              **(DEEP_PARAMETERS_LATER_STEPS if later_deep else PARAMETERS))
+        out.check(f"{name}:losses_image", records["image"], reference["losses_image"], **LOSSES)
+        out.check(f"{name}:losses_local_times_lam", records["local"], reference["losses_local_times_lam"], **LOSSES)
+        out.check(f"{name}:losses_total", records["loss"], reference["losses_total"], **LOSSES)
+        out.check(f"{name}:losses_per_layer_focal_dice1_dice0", records["per_layer"],
+                  reference["losses_per_layer_focal_dice1_dice0"], **LOSSES)
+
+
+def _reference_named(model: AnomalyCLIP, value) -> dict[str, torch.Tensor]:
+    """Our prompt parameters (or their gradients) under the reference's names and shapes."""
+    learner = model.prompt_learner
+    contexts = value(learner.contexts)
+    named = {"ctx_pos": contexts[0].reshape(1, 1, *contexts.shape[1:]),
+             "ctx_neg": contexts[1].reshape(1, 1, *contexts.shape[1:])}
+    for index, prompt in enumerate(learner.deep_prompts):
+        named[f"compound_prompts_text.{index}"] = value(prompt)
+    return named
+
+
+def check_metrics(run: FixtureRun, out: Comparison) -> None:
+    from zsadkit.metrics import aupro_cflow200, image_ap, image_auroc, pixel_auroc
+
+    if not (run.directory / "metrics_inputs.npz").is_file():
+        return
+    inputs = _load(run.directory, "metrics_inputs.npz")
+    expected = json.loads((run.directory / "metrics_outputs.json").read_text())
+    for class_name in sorted({key.split("__")[0] for key in inputs}):
+        labels, scores = inputs[f"{class_name}__gt_sp"], inputs[f"{class_name}__pr_sp"]
+        masks, maps = inputs[f"{class_name}__masks"][:, 0] > 0.5, inputs[f"{class_name}__amaps"]
+        ours = {"image-auroc": image_auroc(labels, scores), "image-ap": image_ap(labels, scores),
+                "pixel-auroc": pixel_auroc(masks, maps), "pixel-aupro": aupro_cflow200(masks, maps)}
+        for metric, value in ours.items():
+            out.check(f"metrics_outputs.json:{class_name}__{metric}", value, expected[f"{class_name}__{metric}"],
+                      **METRICS)
+
+
+def check_end_to_end(run: FixtureRun, out: Comparison) -> None:
+    """The reference `test.py` on the synthetic BTAD folder: transforms, then per-class and mean metrics."""
+    from zsadkit.data.dataset import AnomalyDataset
+    from zsadkit.data.mvtec import read_mvtec
+    from zsadkit.engine import evaluate
+
+    root, expected_file = run.directory / "e2e_btad_synth", run.directory / "e2e_test_py_metrics.json"
+    if not root.is_dir() or not expected_file.is_file():
+        return
+    expected = json.loads(expected_file.read_text())
+    samples = read_mvtec(root, dataset="btad", normal_defect="ok", mask_suffix="")
+    size = int(run.cfg["image_size"])
+    transform_file = run.directory / "e2e_transform_samples.npz"
+    if transform_file.is_file() and "transform_samples" in expected:
+        reference = _load(run.directory, "e2e_transform_samples.npz")
+        soft_masks = AnomalyDataset(samples, image_size=size, mask_threshold=None)
+        for kind, relative in expected["transform_samples"].items():
+            index = next(i for i, s in enumerate(samples) if Path(s.image) == (run.directory / relative).resolve())
+            item = soft_masks[index]
+            kind = kind.removeprefix("img_")
+            out.check(f"e2e_transform_samples.npz:img_{kind}", item["image"], reference[f"img_{kind}"], **FEATURES)
+            out.check(f"e2e_transform_samples.npz:mask_{kind}", item["mask"][None], reference[f"mask_{kind}"],
+                      **FEATURES)
+    names = {"image-auroc": ("image", "auroc"), "image-ap": ("image", "ap"), "pixel-auroc": ("pixel", "auroc"),
+             "pixel-aupro": ("pixel", "aupro_cflow200")}
+    for part in ("all", "top"):
+        if part not in expected:
+            continue
+        model = run.model(run.cfg[f"features_{part}"], run.cfg["DPAM_layer"], load_prompts=False)
+        checkpoint = run.directory / "prompt_learner_init_ckpt.pth"
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*compound_prompt_projections.*")
+            model.load_prompts(checkpoint)
+        rows = evaluate(model, samples, dataset="btad", image_size=size, batch_size=4, progress=False)
+        value = {(r.class_name, r.level, r.metric): r.value for r in rows.itertuples()}
+        for key, reference_value in expected[part].items():
+            if "__" not in key:
+                continue
+            class_name, metric = key.split("__")
+            out.check(f"e2e_test_py_metrics.json:{part}:{class_name}__{metric}",
+                      value[(class_name, *names[metric])], reference_value, **END_TO_END_METRICS)
+        printed_mean = re.search(r"\|\s*mean\s*\|(.*)\|", expected[part]["table"])
+        if printed_mean:
+            # Printed table: pixel_auroc | pixel_aupro | image_auroc | image_ap, ×100 rounded to 1 decimal.
+            printed = [float(cell) for cell in printed_mean.group(1).split("|")]
+            ours = [100 * value[("mean", *names[m])] for m in ("pixel-auroc", "pixel-aupro", "image-auroc", "image-ap")]
+            out.check(f"e2e_test_py_metrics.json:{part}:mean row (printed, 1 decimal)", np.round(ours, 1), printed,
+                      atol=0.05 + 1e-9)
+
+
+def main(directory: Path) -> int:
+    """Recompute every array of the fixture directory; 0 if all are within tolerance."""
+    torch.set_num_threads(1)
+    run = FixtureRun(Path(directory))
+    inputs = _load(run.directory, "inputs.npz")
+    images = torch.from_numpy(inputs["images"])
+    masks = torch.from_numpy(inputs["masks_raw"])[:, 0]
+    labels = torch.from_numpy(inputs["labels"])
+    out = Comparison()
+    print(f"AnomalyCLIP parity against {run.directory} (reference {run.info.get('reference_commit', '?')})")
+    if (run.directory / "text.npz").is_file():
+        check_text(run, out)
+    check_visual(run, out, images)
+    check_scoring(run, out, images)
+    check_training(run, out, images, masks, labels)
+    check_metrics(run, out)
+    check_end_to_end(run, out)
+    return out.summary()
