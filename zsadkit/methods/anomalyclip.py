@@ -45,7 +45,6 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from zsadkit.data.records import Sample
-from zsadkit.experiment import RunConfig
 from zsadkit.feature_cache import FeatureCache, default_cache_root, module_fingerprint, samples_fingerprint
 from zsadkit.losses import binary_dice_loss, focal_loss
 from zsadkit.maps import (
@@ -55,7 +54,7 @@ from zsadkit.maps import (
     upsample_token_probabilities,
 )
 from zsadkit.methods.base import Prediction, register_method
-from zsadkit.models import AttentionVariant, TextEncoder, VisualEncoder, tokenize
+from zsadkit.models import AttentionVariant, TextEncoder, VisualEncoder, load_backbone, tokenize
 from zsadkit.prompt_learning import PromptLearner, PromptLearnerConfig
 from zsadkit.training import TrainConfig, TrainResult, train
 
@@ -583,9 +582,9 @@ def evaluate_cached(
 
 @register_method("anomalyclip")
 def build_anomalyclip(
-    backbone: str = "ViT-L-14-336",
-    pretrained: str = "openai",
-    image_size: int = 518,
+    backbone: str = "zsad-tiny",
+    pretrained: str = "",
+    image_size: int = 112,
     checkpoint: str = "",
     device: str = "cpu",
     seed: int = 0,
@@ -606,7 +605,7 @@ def build_anomalyclip(
     unknown = sorted(set(config_overrides) - known)
     if unknown:
         raise TypeError(f"anomalyclip: unknown options {unknown}; AnomalyCLIPConfig has {sorted(known)}")
-    clip = RunConfig(backbone=backbone, pretrained=pretrained, image_size=image_size, seed=seed).load_backbone()
+    clip = load_backbone(backbone, pretrained, image_size, seed=seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AnomalyCLIP(clip, default_config(backbone, **config_overrides))

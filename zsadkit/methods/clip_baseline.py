@@ -32,7 +32,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -45,40 +44,11 @@ from zsadkit.maps import (
     upsample_token_probabilities,
 )
 from zsadkit.methods.base import Prediction, register_method
-from zsadkit.models import TextEncoder, VisualEncoder, load_clip
+from zsadkit.models import TextEncoder, VisualEncoder, load_backbone
 from zsadkit.prompts import class_text_features, encode_sentences, prompt_ensemble
 
 ANOMALYCLIP_TEMPERATURE = 0.07  # AnomalyCLIP's Eq. 1 in its code (cos / 0.07)
 CLIP_TEMPERATURE = 0.01  # CLIP's logit scale 100 (VAND, InCTRL, mala-lab WinCLIP)
-
-
-def load_backbone(
-    backbone: str = "zsad-tiny",
-    pretrained: str = "",
-    image_size: int = 112,
-    device: str | torch.device = "cpu",
-    seed: int = 0,
-    **loader_options,
-) -> CLIP:
-    """A CLIP from the notebooks' run settings (`zsadkit.experiment.RunConfig` fields).
-
-    Args:
-        backbone: open_clip config name ("ViT-L-14-336", "ViT-B-16-plus-240") or a built-in random model
-            ("zsad-tiny").
-        pretrained: "" (random weights, seeded), an open_clip pretrained tag ("openai", "laion400m_e31"), or
-            the path of a local weights file.
-        image_size: input side S.
-        device: torch device.
-        seed: seed of random weights.
-        **loader_options: passed to `zsadkit.models.load_clip` (``pos_embed_resize``, ``quick_gelu``, ...).
-    """
-    common = dict(image_size=image_size, device=device, **loader_options)
-    if not pretrained:
-        return load_clip(backbone, seed=seed, **common)
-    if Path(pretrained).is_file():
-        model = None if backbone == "openai-state-dict" else backbone
-        return load_clip(model, checkpoint=pretrained, **common)
-    return load_clip(backbone, pretrained, **common)
 
 
 @dataclass

@@ -35,8 +35,8 @@ import torch
 
 from zsadkit.methods.anomalyclip import AnomalyCLIP, AnomalyCLIPConfig
 from zsadkit.methods.base import register_method
-from zsadkit.methods.clip_baseline import load_backbone
 from zsadkit.methods.vand import evenly_spaced_layers
+from zsadkit.models import load_backbone
 from zsadkit.prompt_learning import PromptLearnerConfig
 
 COOP_N_CTX = 16

@@ -49,8 +49,8 @@ from zsadkit.data.dataset import AnomalyDataset
 from zsadkit.data.records import Sample
 from zsadkit.losses import binary_dice_loss, focal_loss
 from zsadkit.methods.base import Prediction, register_method
-from zsadkit.methods.clip_baseline import CLIP_TEMPERATURE, load_backbone
-from zsadkit.models import TextEncoder, VisualEncoder
+from zsadkit.methods.clip_baseline import CLIP_TEMPERATURE
+from zsadkit.models import TextEncoder, VisualEncoder, load_backbone
 from zsadkit.prompts import class_text_features, encode_sentences, prompt_ensemble
 
 VAND_LAYERS_VIT_L = (6, 12, 18, 24)
@@ -365,7 +365,9 @@ def build_vand(
     clip = load_backbone(backbone, pretrained, image_size, device, seed, pos_embed_resize=pos_embed_resize,
                          quick_gelu=quick_gelu)
     options.setdefault("layers", evenly_spaced_layers(len(clip.visual.transformer.resblocks)))
-    vand = Vand(clip, VandConfig(**options))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # the projections' initialisation
+        vand = Vand(clip, VandConfig(**options))
     if checkpoint:
         vand.projections.load_state_dict(read_projections(checkpoint))
     return vand

@@ -60,9 +60,9 @@ from zsadkit.data.dataset import AnomalyDataset
 from zsadkit.data.records import Sample
 from zsadkit.engine import predict as engine_predict
 from zsadkit.methods.base import Detector, Prediction, register_method
-from zsadkit.methods.clip_baseline import CLIP_TEMPERATURE, load_backbone
+from zsadkit.methods.clip_baseline import CLIP_TEMPERATURE
 from zsadkit.metrics import Evaluator
-from zsadkit.models import TextEncoder, VisualEncoder, sliding_windows
+from zsadkit.models import TextEncoder, VisualEncoder, load_backbone, sliding_windows
 from zsadkit.prompts import class_text_features, encode_sentences, prompt_ensemble
 
 WINCLIP_PROFILES: dict[str, dict] = {
