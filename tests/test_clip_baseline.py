@@ -69,7 +69,7 @@ def test_clip_ac_class_embedding_is_the_mean_of_80_normalised_template_embedding
 def test_text_features_are_cached_per_class(clip, images):
     detector = ClipBaseline(clip)
     detector.predict(images, ["a", "b", "a"])
-    assert sorted(detector._text_cache) == ["a", "b"]
+    assert sorted(detector.class_text.cache) == ["a", "b"]
     first = detector.text_features("a")
     assert detector.text_features("a") is first
 

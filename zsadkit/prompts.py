@@ -267,3 +267,45 @@ def class_text_features(
             for state in STATES
         ]
     )
+
+
+class ClassTextFeatures:
+    """The (normal, anomalous) embeddings of a prompt ensemble per class name, computed once per class.
+
+    Args:
+        text_encoder: CLIP's text tower.
+        ensemble: the prompt ensemble.
+        normalize_prompts: see `ensemble_text_features`.
+        replace_underscores: see `class_phrase`.
+    """
+
+    def __init__(
+        self,
+        text_encoder: TextEncoder,
+        ensemble: PromptEnsemble,
+        *,
+        normalize_prompts: bool = True,
+        replace_underscores: bool = True,
+    ) -> None:
+        self.text_encoder = text_encoder
+        self.ensemble = ensemble
+        self.normalize_prompts = normalize_prompts
+        self.replace_underscores = replace_underscores
+        self.cache: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def __call__(self, class_name: str) -> torch.Tensor:
+        """(2, D) unit-norm (normal, anomalous) embeddings of one class."""
+        if class_name not in self.cache:
+            self.cache[class_name] = class_text_features(
+                lambda sentences: encode_sentences(self.text_encoder, sentences),
+                self.ensemble,
+                class_name,
+                normalize_prompts=self.normalize_prompts,
+                replace_underscores=self.replace_underscores,
+            )
+        return self.cache[class_name]
+
+    def batch(self, class_names: Sequence[str]) -> torch.Tensor:
+        """(B, 2, D) embeddings of each image's class."""
+        return torch.stack([self(name) for name in class_names])

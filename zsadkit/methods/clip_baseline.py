@@ -31,7 +31,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -45,7 +44,7 @@ from zsadkit.maps import (
 )
 from zsadkit.methods.base import Prediction, register_method
 from zsadkit.models import TextEncoder, VisualEncoder, load_backbone
-from zsadkit.prompts import class_text_features, encode_sentences, prompt_ensemble
+from zsadkit.prompts import ClassTextFeatures, prompt_ensemble
 
 ANOMALYCLIP_TEMPERATURE = 0.07  # AnomalyCLIP's Eq. 1 in its code (cos / 0.07)
 CLIP_TEMPERATURE = 0.01  # CLIP's logit scale 100 (VAND, InCTRL, mala-lab WinCLIP)
@@ -93,11 +92,14 @@ class ClipBaseline:
         self.visual = VisualEncoder(clip)
         self.text = TextEncoder(clip)
         self.ensemble = prompt_ensemble(self.config.prompts)
+        self.class_text = ClassTextFeatures(
+            self.text, self.ensemble, normalize_prompts=self.config.normalize_prompts,
+            replace_underscores=self.config.replace_underscores,
+        )
         layer = self.config.patch_layer or self.visual.num_layers
         if not 1 <= layer <= self.visual.num_layers:
             raise ValueError(f"patch_layer must be in [1, {self.visual.num_layers}], got {self.config.patch_layer}")
         self.patch_layer = layer
-        self._text_cache: dict[str, torch.Tensor] = {}
 
     @property
     def image_size(self) -> int:
@@ -107,22 +109,13 @@ class ClipBaseline:
     def device(self) -> torch.device:
         return self.clip.visual.proj.device
 
-    @torch.no_grad()
     def text_features(self, class_name: str) -> torch.Tensor:
         """(2, D) unit-norm (normal, anomalous) class embeddings, computed once per class."""
-        if class_name not in self._text_cache:
-            self._text_cache[class_name] = class_text_features(
-                partial(encode_sentences, self.text),
-                self.ensemble,
-                class_name,
-                normalize_prompts=self.config.normalize_prompts,
-                replace_underscores=self.config.replace_underscores,
-            )
-        return self._text_cache[class_name]
+        return self.class_text(class_name)
 
     def batch_text_features(self, class_names: Sequence[str]) -> torch.Tensor:
         """(B, 2, D) text embeddings of each image's class."""
-        return torch.stack([self.text_features(name) for name in class_names])
+        return self.class_text.batch(class_names)
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor, class_names: Sequence[str]) -> Prediction:

@@ -35,7 +35,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import partial
 
 import open_clip
 import torch
@@ -51,7 +50,7 @@ from zsadkit.losses import binary_dice_loss, focal_loss
 from zsadkit.methods.base import Prediction, register_method
 from zsadkit.methods.clip_baseline import CLIP_TEMPERATURE
 from zsadkit.models import TextEncoder, VisualEncoder, load_backbone
-from zsadkit.prompts import class_text_features, encode_sentences, prompt_ensemble
+from zsadkit.prompts import ClassTextFeatures, prompt_ensemble
 
 VAND_LAYERS_VIT_L = (6, 12, 18, 24)
 
@@ -178,10 +177,13 @@ class Vand(nn.Module):
         if bad:
             raise ValueError(f"VAND layers must be in [1, {self.visual.num_layers}] for this backbone, got {bad}")
         self.ensemble = prompt_ensemble(self.config.prompts)
+        self.class_text = ClassTextFeatures(
+            self.text, self.ensemble, normalize_prompts=self.config.normalize_prompts,
+            replace_underscores=self.config.replace_underscores,
+        )
         self.projections = VandProjections(self.visual.width, self.visual.embed_dim, len(self.config.layers)).to(
             self.device
         )
-        self._text_cache: dict[str, torch.Tensor] = {}
         self.reference_tokens: list[torch.Tensor] | None = None
 
     @property
@@ -199,22 +201,13 @@ class Vand(nn.Module):
         return self
 
     # Sec. 2.2: text embeddings of the prompt ensemble.
-    @torch.no_grad()
     def text_features(self, class_name: str) -> torch.Tensor:
         """(2, D) unit-norm (normal, anomalous) embeddings of a class, cached."""
-        if class_name not in self._text_cache:
-            self._text_cache[class_name] = class_text_features(
-                partial(encode_sentences, self.text),
-                self.ensemble,
-                class_name,
-                normalize_prompts=self.config.normalize_prompts,
-                replace_underscores=self.config.replace_underscores,
-            )
-        return self._text_cache[class_name]
+        return self.class_text(class_name)
 
     def batch_text_features(self, class_names: Sequence[str]) -> torch.Tensor:
         """(B, 2, D) text embeddings of each image's class."""
-        return torch.stack([self.text_features(name) for name in class_names])
+        return self.class_text.batch(class_names)
 
     # Sec. 2.3: projected intermediate tokens → per-layer maps.
     def state_map(self, projected_tokens: torch.Tensor, text: torch.Tensor) -> torch.Tensor:

@@ -48,7 +48,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Literal
 
 import pandas as pd
@@ -63,7 +62,7 @@ from zsadkit.methods.base import Detector, Prediction, register_method
 from zsadkit.methods.clip_baseline import CLIP_TEMPERATURE
 from zsadkit.metrics import Evaluator
 from zsadkit.models import TextEncoder, VisualEncoder, load_backbone, sliding_windows
-from zsadkit.prompts import class_text_features, encode_sentences, prompt_ensemble
+from zsadkit.prompts import ClassTextFeatures, prompt_ensemble
 
 WINCLIP_PROFILES: dict[str, dict] = {
     "mala": dict(prompts="winclip", temperature=CLIP_TEMPERATURE, normalize_prompts=True, few_shot_map="mean"),
@@ -191,12 +190,15 @@ class WinClip:
         self.visual = VisualEncoder(clip)
         self.text = TextEncoder(clip)
         self.ensemble = prompt_ensemble(self.config.prompts)
+        self.class_text = ClassTextFeatures(
+            self.text, self.ensemble, normalize_prompts=self.config.normalize_prompts,
+            replace_underscores=self.config.replace_underscores,
+        )
         grid = self.visual.grid_size
         if max(self.config.scales) > grid:
             raise ValueError(f"window scales {self.config.scales} do not fit the {grid}×{grid} patch grid")
         self.windows = [sliding_windows(grid, scale) for scale in self.config.scales]
         self.memory: ReferenceMemory | None = None
-        self._text_cache: dict[str, torch.Tensor] = {}
 
     @property
     def image_size(self) -> int:
@@ -211,18 +213,9 @@ class WinClip:
         return self.clip.visual.proj.device
 
     # Sec. 4.1: compositional prompt ensemble.
-    @torch.no_grad()
     def text_features(self, class_name: str) -> torch.Tensor:
         """(2, D) unit-norm (normal, anomalous) embeddings of a class, cached."""
-        if class_name not in self._text_cache:
-            self._text_cache[class_name] = class_text_features(
-                partial(encode_sentences, self.text),
-                self.ensemble,
-                class_name,
-                normalize_prompts=self.config.normalize_prompts,
-                replace_underscores=self.config.replace_underscores,
-            )
-        return self._text_cache[class_name]
+        return self.class_text(class_name)
 
     def text_scores(self, embeddings: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """Eq. 1–2: P(anomalous) of (B, Q, D) embeddings against per-image (B, 2, D) text → (B, Q)."""
@@ -289,7 +282,7 @@ class WinClip:
         """Image scores (B,) and maps (B, S, S); WinCLIP+ once references are fitted."""
         if len(class_names) != images.shape[0]:
             raise ValueError(f"{images.shape[0]} images but {len(class_names)} class names")
-        text = torch.stack([self.text_features(name) for name in class_names])
+        text = self.class_text.batch(class_names)
         features = self.encode(images)
         image_scores, patch_map = self.zero_shot(features, text)
         if self.memory is not None:
