@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -31,6 +32,14 @@ class Detector(Protocol):
 
 
 _REGISTRY: dict[str, Callable[..., Detector]] = {}
+#: Modules whose import registers the kit's methods (imported on the first look-up, not at package import,
+#: so that a method module can use the engine without an import cycle).
+METHOD_MODULES = ("clip_baseline", "winclip", "vand", "coop", "anomalyclip")
+
+
+def _import_methods() -> None:
+    for module in METHOD_MODULES:
+        importlib.import_module(f"zsadkit.methods.{module}")
 
 
 def register_method(name: str) -> Callable[[Callable[..., Detector]], Callable[..., Detector]]:
@@ -47,10 +56,12 @@ def register_method(name: str) -> Callable[[Callable[..., Detector]], Callable[.
 
 def build_method(name: str, **kwargs) -> Detector:
     """Construct a registered method; an unknown name lists the known ones."""
+    _import_methods()
     if name not in _REGISTRY:
         raise KeyError(f"unknown method {name!r}; registered: {sorted(_REGISTRY)}")
     return _REGISTRY[name](**kwargs)
 
 
 def registered_methods() -> list[str]:
+    _import_methods()
     return sorted(_REGISTRY)
