@@ -2,26 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import numpy as np
 import pytest
 import torch
+from conftest import fixture_arrays
 
-from zsadkit.models import TextEncoder, load_clip, tokenize
+from zsadkit.models import TextEncoder, tokenize
 
-FIXTURES = Path(__file__).parent / "fixtures" / "anomalyclip"
 TOL = {"rtol": 1e-5, "atol": 1e-5}
-
-
-def _fixture(name: str) -> dict[str, torch.Tensor]:
-    with np.load(FIXTURES / name) as arrays:
-        return {key: torch.from_numpy(arrays[key]) for key in arrays.files}
-
-
-@pytest.fixture(scope="module")
-def clip():
-    return load_clip(state_dict=_fixture("state_dict.npz"), image_size=112)
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +18,7 @@ def text(clip):
 
 @pytest.fixture(scope="module")
 def reference():
-    return _fixture("text.npz")
+    return fixture_arrays("text.npz")
 
 
 def test_tokenizer_gives_the_reference_prompt_ids_and_eot_positions(reference):

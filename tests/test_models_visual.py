@@ -3,27 +3,15 @@
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from conftest import fixture_arrays
 
-from zsadkit.models import AttentionVariant, VisualEncoder, load_clip, sliding_windows
+from zsadkit.models import AttentionVariant, VisualEncoder, sliding_windows
 from zsadkit.models.attention import head_attention
 
-FIXTURES = Path(__file__).parent / "fixtures" / "anomalyclip"
 TOL = {"rtol": 1e-5, "atol": 1e-5}
-
-
-def _fixture(name: str) -> dict[str, torch.Tensor]:
-    with np.load(FIXTURES / name) as arrays:
-        return {key: torch.from_numpy(arrays[key]) for key in arrays.files}
-
-
-@pytest.fixture(scope="module")
-def clip():
-    return load_clip(state_dict=_fixture("state_dict.npz"), image_size=112)
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +21,7 @@ def encoder(clip):
 
 @pytest.fixture(scope="module")
 def images():
-    return _fixture("inputs.npz")["images"]
+    return fixture_arrays("inputs.npz")["images"]
 
 
 @pytest.mark.parametrize(
@@ -41,7 +29,7 @@ def images():
     [("visual_dpam.npz", 4), ("visual_nodpam.npz", None), ("visual_dpam_all.npz", 5)],
 )
 def test_dpam_tokens_and_global_embedding_match_the_reference(encoder, images, fixture, dpam_layer):
-    reference = _fixture(fixture)
+    reference = fixture_arrays(fixture)
     attention = None if dpam_layer is None else AttentionVariant.from_dpam_layer(dpam_layer, encoder.num_layers)
     with torch.no_grad():
         out = encoder(images, [1, 2, 3, 4], global_ln_post=False, attention=attention)
@@ -51,7 +39,7 @@ def test_dpam_tokens_and_global_embedding_match_the_reference(encoder, images, f
 
 
 def test_dpam_intermediates_match_the_reference_streams(encoder, images):
-    reference = _fixture("visual_dpam.npz")
+    reference = fixture_arrays("visual_dpam.npz")
     attention = AttentionVariant.from_dpam_layer(4, encoder.num_layers)
     assert attention.first_layer == 2
     with torch.no_grad():
