@@ -41,11 +41,11 @@ seed = 0
 batch_size = 8
 train_set = ""  # "": synth-aux (smoke) or mvtec (paper)
 test_set = ""  # "": synth-target (smoke) or visa (paper)
-n_train_images = 16  # images timed for one training epoch; 0 = the whole auxiliary set
-full_train_size = 0  # epoch size the time is scaled to; 0 = the auxiliary set's size (MVTec AD test: 1725)
+n_train_images = 16  # images timed for one training epoch (0: the whole auxiliary set)
+full_train_size = 0  # epoch size the time is scaled to (0: the size of the auxiliary set; MVTec AD test: 1725)
 n_timed_images = 8  # test images timed for FPS
 fps_repeats = 3  # passes over them; the fastest counts (less noise from other processes)
-torch_threads = 0  # CPU threads for torch; 0 = torch's default (on a busy small CPU, 1 avoids thread contention)
+torch_threads = 0  # CPU threads for torch (0: the torch default; on a busy small CPU 1 avoids thread contention)
 fps_batch_size = 1
 train_batch_size = 8
 winclip_backbone = ""  # paper: ViT-B-16-plus-240

@@ -97,3 +97,14 @@ def test_project_registry_lists_existing_notebooks_for_both_profiles() -> None:
     assert set(defaults) == {"smoke", "paper"}
     assert defaults["paper"]["backbone"] == "ViT-L-14-336" and defaults["paper"]["image_size"] == 518
     assert entries and all(entry.outputs for entry in entries)
+
+
+@pytest.mark.parametrize("profile", ["smoke", "paper"])
+def test_every_parameter_the_runner_injects_is_declared_in_the_notebook(profile: str, tmp_path: Path) -> None:
+    import papermill
+
+    defaults, entries = reproduce.load_registry()
+    for entry in entries:
+        declared = set(papermill.inspect_notebook(str(entry.path)))
+        injected = reproduce.notebook_parameters(entry, defaults, profile, tmp_path, {"data_root": "/data"})
+        assert set(injected) <= declared, f"{entry.name}: {sorted(set(injected) - declared)} not in its parameters cell"
