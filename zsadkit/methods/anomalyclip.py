@@ -601,14 +601,26 @@ def build_anomalyclip(
         seed: seed of random backbone weights and of the prompt initialisation.
         **config_overrides: fields of `AnomalyCLIPConfig` (defaults from `default_config(backbone)`).
     """
-    known = {f.name for f in fields(AnomalyCLIPConfig)}
-    unknown = sorted(set(config_overrides) - known)
-    if unknown:
-        raise TypeError(f"anomalyclip: unknown options {unknown}; AnomalyCLIPConfig has {sorted(known)}")
+    check_options("anomalyclip", AnomalyCLIPConfig, config_overrides)
     clip = load_backbone(backbone, pretrained, image_size, seed=seed)
+    return on_backbone(clip, default_config(backbone, **config_overrides), checkpoint, device, seed)
+
+
+def check_options(method: str, config_class: type, options: Mapping) -> None:
+    """Raise a TypeError naming the options that are not fields of `config_class`."""
+    known = {f.name for f in fields(config_class)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise TypeError(f"{method}: unknown options {unknown}; {config_class.__name__} has {sorted(known)}")
+
+
+def on_backbone(
+    clip: nn.Module, config: AnomalyCLIPConfig, checkpoint: str = "", device: str = "cpu", seed: int = 0
+) -> AnomalyCLIP:
+    """An `AnomalyCLIP` (or CoOp) model with prompts initialised from `seed`, optionally loaded from `checkpoint`."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = AnomalyCLIP(clip, default_config(backbone, **config_overrides))
+        model = AnomalyCLIP(clip, config)
     if checkpoint:
         model.load_prompts(checkpoint)
     return model.to(device).eval()

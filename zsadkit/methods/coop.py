@@ -29,11 +29,9 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 
-import torch
-
-from zsadkit.methods.anomalyclip import AnomalyCLIP, AnomalyCLIPConfig
+from zsadkit.methods.anomalyclip import AnomalyCLIP, AnomalyCLIPConfig, check_options, on_backbone
 from zsadkit.methods.base import register_method
 from zsadkit.methods.vand import evenly_spaced_layers
 from zsadkit.models import load_backbone
@@ -93,15 +91,7 @@ def build_coop(
     """CoOp from run settings; `config_overrides` are `CoOpConfig` fields, `checkpoint` learned prompts
     (`AnomalyCLIP.save_prompts` output or a training epoch checkpoint). Train with
     `zsadkit.methods.anomalyclip.fit`."""
-    known = {f.name for f in fields(CoOpConfig)}
-    unknown = sorted(set(config_overrides) - known)
-    if unknown:
-        raise TypeError(f"coop: unknown options {unknown}; CoOpConfig has {sorted(known)}")
+    check_options("coop", CoOpConfig, config_overrides)
     clip = load_backbone(backbone, pretrained, image_size, device, seed)
     config = coop_config(backbone, len(clip.visual.transformer.resblocks), **config_overrides)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = AnomalyCLIP(clip, config).to(device)
-    if checkpoint:
-        model.load_prompts(checkpoint)
-    return model.eval()
+    return on_backbone(clip, config, checkpoint, device, seed)
