@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import papermill
 import pandas as pd
+import papermill
 
 from zsadkit.results import RESULT_COLUMNS
 
