@@ -189,6 +189,15 @@ def test_empty_class_folder_is_an_error(tmp_path: Path) -> None:
         read_mvtec(root)
 
 
+def test_class_folder_without_train_or_test_is_an_error_not_skipped(tmp_path: Path) -> None:
+    root = _mvtec(tmp_path)
+    (root / "empty_class").mkdir()
+    (root / "loose_images").mkdir()
+    (root / "loose_images" / "000.png").write_bytes(b"")
+    with pytest.raises(LayoutError, match=r"folder\(s\) \['empty_class', 'loose_images'\] hold no train/"):
+        read_mvtec(root)
+
+
 def test_empty_defect_folder_is_an_error(tmp_path: Path) -> None:
     root = _mvtec(tmp_path)
     (root / "bottle" / "test" / "hole").mkdir()

@@ -85,6 +85,24 @@ def test_manifest_with_bad_label_names_the_line(tmp_path: Path) -> None:
         read_manifest(path)
 
 
+def test_manifest_value_errors_short_rows_and_non_records_name_the_file_and_line(tmp_path: Path) -> None:
+    header = ",".join(MANIFEST_COLUMNS)
+    csv_path = tmp_path / "m.csv"
+    csv_path.write_text(f"{header}\na.png,,2,c,good,d,test\n")
+    with pytest.raises(ValueError, match=r"m\.csv:2: .*label must be 0 or 1, got 2"):
+        read_manifest(csv_path)
+    csv_path.write_text(f"{header}\na.png,,0,c\n")
+    with pytest.raises(ValueError, match=r"m\.csv:2: the row has 4 fields, expected 7"):
+        read_manifest(csv_path)
+    csv_path.write_text(f"{header}\na.png,,0,c,good,d,test,extra\n")
+    with pytest.raises(ValueError, match=r"m\.csv:2: the row has 8 fields, expected 7"):
+        read_manifest(csv_path)
+    jsonl_path = tmp_path / "m.jsonl"
+    jsonl_path.write_text("5\n")
+    with pytest.raises(ValueError, match=r"m\.jsonl:1: expected a record"):
+        read_manifest(jsonl_path)
+
+
 def test_empty_manifest_and_unknown_extension_are_errors(tmp_path: Path) -> None:
     empty = tmp_path / "m.csv"
     empty.write_text(",".join(MANIFEST_COLUMNS) + "\n")

@@ -37,6 +37,11 @@ def test_backbone_from_a_weights_file_has_the_file_weights(tmp_path: Path) -> No
     assert not torch.equal(different_seed.visual.proj, reference.visual.proj)
 
 
+def test_missing_weights_file_is_named_instead_of_read_as_a_tag(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"nope\.pt.* does not exist"):
+        RunConfig(backbone="zsad-tiny", pretrained=str(tmp_path / "nope.pt")).load_backbone()
+
+
 def test_smoke_datasets_are_the_synthetic_aux_and_target_groups() -> None:
     cfg = RunConfig()
     aux, target = load_split(cfg, "synth-aux"), load_split(cfg, "synth-target")

@@ -50,11 +50,14 @@ def _class_dirs(root: Path, classes: Sequence[str] | None, layout: str) -> list[
             available = [p.name for p in _visible_entries(root) if p.is_dir()]
             raise LayoutError(f"{root}: class folder(s) {missing} missing; available: {available}; {layout}")
         return [root / name for name in classes]
-    class_dirs = [
-        p
-        for p in _visible_entries(root)
-        if p.is_dir() and any((p / marker).is_dir() for marker in CLASS_MARKERS)
-    ]
+    folders = [p for p in _visible_entries(root) if p.is_dir()]
+    class_dirs = [p for p in folders if any((p / marker).is_dir() for marker in CLASS_MARKERS)]
+    if class_dirs and len(class_dirs) < len(folders):
+        strays = [p.name for p in folders if p not in class_dirs]
+        raise LayoutError(
+            f"{root}: folder(s) {strays} hold no train/, test/ or ground_truth/ (an empty class, or not a "
+            f"class folder: move it out of the dataset root); {layout}"
+        )
     if not class_dirs:
         hint = ""
         if any((root / marker).is_dir() for marker in CLASS_MARKERS):

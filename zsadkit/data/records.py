@@ -78,24 +78,33 @@ class Sample:
         return replace(self, image=rel(self.image), mask=None if self.mask is None else rel(self.mask))
 
 
-def _row_to_sample(row: dict, where: str) -> Sample:
+def _row_to_sample(row: object, where: str) -> Sample:
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: expected a record with the fields {list(MANIFEST_COLUMNS)}, got {row!r}")
     missing = [c for c in MANIFEST_COLUMNS if c not in row]
     if missing:
         raise ValueError(f"{where}: missing columns {missing}; expected {list(MANIFEST_COLUMNS)}")
+    short = [c for c in MANIFEST_COLUMNS if row[c] is None and c != "mask"]
+    if short or None in row:  # csv.DictReader fills a short row with None and collects a long row's extras under None
+        fields_found = sum(v is not None for k, v in row.items() if k is not None) + len(row.get(None) or [])
+        raise ValueError(f"{where}: the row has {fields_found} fields, expected {len(MANIFEST_COLUMNS)}")
     try:
         label = int(row["label"])
     except (TypeError, ValueError) as err:
         raise ValueError(f"{where}: label must be 0 or 1, got {row['label']!r}") from err
     mask = row["mask"] or None
-    return Sample(
-        image=str(row["image"]),
-        mask=None if mask is None else str(mask),
-        label=label,
-        class_name=str(row["class_name"]),
-        defect=str(row["defect"] or ""),
-        dataset=str(row["dataset"]),
-        split=str(row["split"]),
-    )
+    try:
+        return Sample(
+            image=str(row["image"]),
+            mask=None if mask is None else str(mask),
+            label=label,
+            class_name=str(row["class_name"]),
+            defect=str(row["defect"] or ""),
+            dataset=str(row["dataset"]),
+            split=str(row["split"]),
+        )
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from err
 
 
 def read_manifest(path: str | Path, root: str | Path | None = None) -> list[Sample]:

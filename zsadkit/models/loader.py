@@ -52,6 +52,10 @@ _OPENAI_REQUIRED_KEYS = (
 )
 
 
+#: Suffixes that make `load_backbone` read `pretrained` as a weights file rather than an open_clip tag.
+WEIGHT_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".npz")
+
+
 class PretrainedWeightsUnavailableError(RuntimeError):
     """Pretrained weights were asked for but could not be obtained (offline and not cached, or download failed)."""
 
@@ -407,7 +411,13 @@ def load_backbone(
     common = dict(image_size=image_size, device=device, **loader_options)
     if not pretrained:
         return load_clip(backbone, seed=seed, **common)
-    if Path(pretrained).is_file():
+    path = Path(pretrained).expanduser()
+    if path.is_file():
         model = None if backbone == "openai-state-dict" else backbone
-        return load_clip(model, checkpoint=pretrained, **common)
+        return load_clip(model, checkpoint=path, **common)
+    if path.suffix in WEIGHT_FILE_SUFFIXES or "/" in pretrained:
+        raise FileNotFoundError(
+            f"pretrained={pretrained!r} looks like a weights file but does not exist (expected a .pt, .pth, "
+            ".safetensors or .npz file, or an open_clip tag such as 'openai')"
+        )
     return load_clip(backbone, pretrained, **common)
