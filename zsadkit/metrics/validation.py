@@ -126,6 +126,7 @@ def pixel_inputs(
     elif map_array.dtype.kind != "f":
         raise TypeError(f"maps must hold real numbers, got dtype {map_array.dtype}")
     if mask_array.shape != map_array.shape:
-        raise ValueError(f"masks {mask_array.shape} and maps {map_array.shape} must have the same shape")
+        first = f" (batch of {sample_ids[0]!r}, ...)" if sample_ids is not None and len(sample_ids) else ""
+        raise ValueError(f"masks {mask_array.shape} and maps {map_array.shape} must have the same shape{first}")
     _check_finite(map_array, "anomaly map", sample_ids)
     return _binary(mask_array, "masks", sample_ids), map_array
