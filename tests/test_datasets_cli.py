@@ -10,6 +10,7 @@ from test_datasets_prepare import RawTree, build_br35h, build_headct
 
 from zsadkit.cli import main
 from zsadkit.data.catalog import available_datasets, dataset_status, get_dataset_spec, load_dataset
+from zsadkit.data.dataset import AnomalyDataset
 from zsadkit.data.dataset_spec import ManifestSpecError, parse_dataset_spec
 from zsadkit.data.errors import DataError, LayoutError, MaskError
 from zsadkit.data.from_folder import manifest_from_folder
@@ -171,11 +172,11 @@ def make_user_folder(folder: Path) -> RawTree:
     tree.image("good/b.jpg")
     tree.image("bad/scratch/s1.png", anomalous=True, mask="masks/s1.png")
     tree.image("bad/scratch/s2.png", anomalous=True, mask="masks/s2_mask.png")
-    tree.image("bad/dent/d1.png", anomalous=True)  # no mask: image-level only
+    tree.image("bad/dent/d1.png", anomalous=True, mask="masks/d1.png")
     return tree
 
 
-def test_from_folder_pairs_masks_by_stem_and_keeps_unmasked_images_image_level(
+def test_from_folder_pairs_masks_by_stem_and_the_manifest_loads_in_anomaly_dataset(
     tmp_path: Path, capsys
 ) -> None:
     make_user_folder(tmp_path / "parts")
@@ -184,17 +185,44 @@ def test_from_folder_pairs_masks_by_stem_and_keeps_unmasked_images_image_level(
         main(["data", "from-folder", str(tmp_path / "parts"), "--out", str(out), "--class-name", "widget"])
         == 0
     )
-    assert "2 normal, 3 anomalous (2 with masks)" in capsys.readouterr().out
-    records = {Path(s.image).name: s for s in read_manifest(out, root=tmp_path / "parts")}
+    assert "2 normal, 3 anomalous (3 with masks)" in capsys.readouterr().out
+    samples = read_manifest(out, root=tmp_path / "parts")
+    records = {Path(s.image).name: s for s in samples}
     assert records["s1.png"].mask.endswith("masks/s1.png") and records["s2.png"].mask.endswith(
         "masks/s2_mask.png"
     )
-    assert (
-        records["d1.png"].mask is None and records["d1.png"].label == 1 and records["d1.png"].defect == "dent"
-    )
+    assert records["d1.png"].label == 1 and records["d1.png"].defect == "dent"
     assert records["a.png"].label == 0 and records["b.jpg"].class_name == "widget"
     assert all(Path(s.image).is_file() for s in records.values())
     assert str(tmp_path) not in out.read_text()
+    dataset = AnomalyDataset(samples, 32)
+    item = dataset[samples.index(records["s1.png"])]
+    assert item["label"] == 1 and item["has_mask"] and item["image"].shape == (3, 32, 32)
+    assert 0 < float(item["mask"].sum()) < 32 * 32  # the 4x4 square of a 16x16 image, resized to 32
+
+
+def test_from_folder_with_masks_requires_a_mask_for_every_anomalous_image(tmp_path: Path, capsys) -> None:
+    make_user_folder(tmp_path / "parts")
+    (tmp_path / "parts" / "masks" / "d1.png").unlink()
+    out = tmp_path / "manifest.csv"
+    with pytest.raises(MaskError, match=r"1 anomalous image\(s\) have no mask .*dent/d1\.png.*--image-level-only"):
+        manifest_from_folder(tmp_path / "parts", out)
+    assert not out.exists()
+    argv = ["data", "from-folder", str(tmp_path / "parts"), "--out", str(out)]
+    assert main(argv) == 2 and "d1.png" in capsys.readouterr().err
+    assert main([*argv, "--image-level-only"]) == 0
+    samples = read_manifest(out, root=tmp_path / "parts")
+    assert [s.mask for s in samples] == [None] * 5 and sum(s.label for s in samples) == 3
+    item = AnomalyDataset(samples, 32)[4]
+    assert item["label"] == 1 and not item["has_mask"] and float(item["mask"].sum()) == 0.0
+
+
+def test_from_folder_rejects_unknown_sub_folders_naming_them(tmp_path: Path) -> None:
+    tree = make_user_folder(tmp_path / "parts")
+    tree.image("defective/x.png", anomalous=True)
+    tree.image("goood/y.png")
+    with pytest.raises(LayoutError, match=r"unknown sub-folder\(s\) \['defective', 'goood'\]"):
+        manifest_from_folder(tmp_path / "parts")
 
 
 def test_from_folder_rejects_a_mask_without_an_image_and_a_missing_bad_folder(tmp_path: Path) -> None:
@@ -211,3 +239,10 @@ def test_readme_datasets_table_gives_the_prepare_command_of_every_dataset() -> N
     text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     for name in available_datasets():
         assert f"| `{name}` |" in text and f"zsadkit data prepare {name} --raw DIR --root ROOT" in text, name
+
+
+def test_cli_check_of_a_missing_root_is_an_error_naming_it(tmp_path: Path, capsys) -> None:
+    assert main(["data", "check", "--root", str(tmp_path / "nowhere")]) == 2
+    captured = capsys.readouterr()
+    assert f"{tmp_path / 'nowhere'}: data root does not exist" in captured.err
+    assert "ready" not in captured.out

@@ -297,3 +297,64 @@ def test_images_and_masks_pairs_by_name_even_when_sorted_listings_disagree(tmp_p
         ("ISIC_2.jpg", "ISIC_2_Segmentation.png"),
     ]
     assert sorted(p.name for p in (tmp_path / "gt").iterdir())[0] == "ISIC_10_Segmentation.png"
+
+
+def test_a_count_mismatch_leaves_no_layout_so_fixed_raw_data_is_reread(tmp_path: Path) -> None:
+    raw, root = tmp_path / "raw", tmp_path / "data"
+    raw.mkdir()
+    build_br35h(raw)  # 2 normal / 2 anomalous
+    counts = {"anomalyclip": {"test": {"per_class": {"brain": [3, 2]}}}}
+    with pytest.raises(CountMismatchError) as error:
+        prepare_dataset("br35h", raw, root, "anomalyclip", expected_counts=counts, log=quiet)
+    message = str(error.value)
+    assert "source: the expected counts given with --counts" in message
+    assert "Table 6" not in message  # the published source is not what was checked
+    assert message.splitlines()[-1].startswith("Fix the raw data")
+    assert not (root / "br35h" / "kaggle").exists() and not (root / "br35h" / ".kaggle.partial").exists()
+    assert not (root / "br35h" / "manifest_anomalyclip.csv").exists()
+    RawTree(raw / "Br35H").image("no/no2.jpg")  # the user fixes the raw data and reruns
+    results = prepare_dataset("br35h", raw, root, "anomalyclip", expected_counts=counts, log=quiet)
+    assert results[0].counts["test"] == {"brain": (3, 2)}
+
+
+def test_a_count_mismatch_against_published_counts_cites_the_source_and_suggests_counts_file(
+    tmp_path: Path,
+) -> None:
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    build_br35h(raw)
+    with pytest.raises(CountMismatchError) as error:
+        prepare_dataset("br35h", raw, tmp_path / "data", "anomalyclip", log=quiet)
+    message = str(error.value)
+    assert "(source: AnomalyCLIP Table 6 (1500 / 1500))" in message
+    assert "--counts FILE" in message.splitlines()[-1]
+    assert not (tmp_path / "data" / "br35h" / "kaggle").exists()
+
+
+def test_a_count_mismatch_on_a_reused_layout_says_to_rerun_with_force(tmp_path: Path) -> None:
+    raw, root = tmp_path / "raw", tmp_path / "data"
+    raw.mkdir()
+    build_br35h(raw)
+    counts = {"anomalyclip": {"test": {"per_class": {"brain": [2, 2]}}}}
+    prepare_dataset("br35h", raw, root, "anomalyclip", expected_counts=counts, log=quiet)
+    wrong = {"anomalyclip": {"test": {"per_class": {"brain": [3, 2]}}}}
+    with pytest.raises(CountMismatchError, match=r"(?s)reused from an earlier prepare.*--force"):
+        prepare_dataset("br35h", raw, root, "anomalyclip", expected_counts=wrong, log=quiet)
+    assert (root / "br35h" / "kaggle" / "layout.json").is_file()  # a checked layout stays (other manifests)
+
+
+@pytest.mark.parametrize("broken", ["mask", "image"])
+def test_a_truncated_raw_file_is_a_clean_cli_error_naming_it(tmp_path: Path, capsys, broken: str) -> None:
+    from zsadkit.cli import main
+
+    tree = RawTree(tmp_path / "raw" / "MPDD")
+    mvtec_like_classes(tree, "", {"bracket_black": {"good": 1, "hole": 1}})
+    hole = tmp_path / "raw/MPDD/bracket_black"
+    path = hole / ("ground_truth/hole/000_mask.png" if broken == "mask" else "test/hole/000.png")
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+    counts = tmp_path / "counts.yaml"
+    counts.write_text("anomalyclip: {test: {per_class: {bracket_black: [1, 1]}}}\n")
+    argv = ["data", "prepare", "mpdd", "--raw", str(tmp_path / "raw"), "--root", str(tmp_path / "data")]
+    assert main([*argv, "--protocol", "anomalyclip", "--counts", str(counts)]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"error: {path}: cannot read {broken}") and "Traceback" not in error

@@ -3,7 +3,7 @@
     zsadkit data list
     zsadkit data prepare NAME --raw DIR --root DATA_ROOT [--protocol P] [--download] [--counts FILE]
     zsadkit data check --root DATA_ROOT
-    zsadkit data from-folder DIR --out manifest.csv
+    zsadkit data from-folder DIR --out manifest.csv [--image-level-only]
 
 Each command group registers itself with `add_<group>_commands(subparsers)`; a subcommand sets
 `func(args) -> int`. Bad input (`ValueError`, which every `zsadkit.data` error is) prints one clear
@@ -20,6 +20,7 @@ from pathlib import Path
 import yaml
 
 from zsadkit.data.catalog import available_datasets, dataset_status, get_dataset_spec
+from zsadkit.data.errors import DataError
 from zsadkit.data.from_folder import manifest_from_folder
 from zsadkit.data.prepare import prepare_dataset
 
@@ -34,7 +35,12 @@ def _data_list(args: argparse.Namespace) -> int:
 def _data_prepare(args: argparse.Namespace) -> int:
     expected = None
     if args.counts is not None:
-        expected = yaml.safe_load(Path(args.counts).read_text())
+        if not Path(args.counts).is_file():
+            raise DataError(f"{args.counts}: --counts file is missing (expected a YAML file of expected counts)")
+        try:
+            expected = yaml.safe_load(Path(args.counts).read_text())
+        except yaml.YAMLError as err:
+            raise DataError(f"{args.counts}: --counts file is not valid YAML ({err})") from err
         if not isinstance(expected, dict):
             raise ValueError(f"{args.counts}: expected a mapping protocol -> {{test: {{total, per_class}}}}")
     results = prepare_dataset(
@@ -58,6 +64,9 @@ def _data_prepare(args: argparse.Namespace) -> int:
 
 
 def _data_check(args: argparse.Namespace) -> int:
+    root = Path(args.root).expanduser().resolve()
+    if not root.is_dir():
+        raise DataError(f"{root}: data root does not exist (expected the --root folder given to prepare)")
     statuses = dataset_status(args.root, args.names or None)
     print(f"{'dataset':<14} {'protocol':<16} {'state':<9} {'test normal / anomalous':<24} note")
     for status in statuses:
@@ -70,15 +79,18 @@ def _data_check(args: argparse.Namespace) -> int:
             counts = f"{normal} / {anomalous}{published}"
         print(f"{status.dataset:<14} {status.protocol:<16} {state:<9} {counts:<24} {status.detail}")
     ready = sum(s.ready for s in statuses)
-    print(
-        f"{ready} of {len(statuses)} dataset protocols ready under {Path(args.root).expanduser().resolve()}"
-    )
+    print(f"{ready} of {len(statuses)} dataset protocols ready under {root}")
     return 0
 
 
 def _data_from_folder(args: argparse.Namespace) -> int:
     samples = manifest_from_folder(
-        args.folder, args.out, root=args.root, class_name=args.class_name, dataset=args.dataset
+        args.folder,
+        args.out,
+        root=args.root,
+        class_name=args.class_name,
+        dataset=args.dataset,
+        image_level_only=args.image_level_only,
     )
     normal = sum(s.label == 0 for s in samples)
     masked = sum(s.mask is not None for s in samples)
@@ -137,6 +149,11 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> None:
     from_folder.add_argument("--root", help="paths are written relative to this folder (default: FOLDER)")
     from_folder.add_argument("--class-name", help="class name of every record (default: the folder name)")
     from_folder.add_argument("--dataset", help="dataset name of every record (default: the folder name)")
+    from_folder.add_argument(
+        "--image-level-only",
+        action="store_true",
+        help="write no masks even if FOLDER/masks/ exists (otherwise every anomalous image needs one)",
+    )
     from_folder.set_defaults(func=_data_from_folder)
 
 

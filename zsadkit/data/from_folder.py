@@ -5,9 +5,11 @@
     DIR/masks/<stem>.png      optional pixel masks, matched to anomalous images by stem
                               (`<stem>.*` or `<stem>_mask.*`)
 
-Anomalous images without a mask are image-level only (`mask` empty). A mask whose stem matches no
-anomalous image, or two masks for one image, is an error. Paths are written relative to `root`
-(default: DIR itself), so `read_manifest(out, root=DIR)` gives absolute paths back.
+Without masks/ the manifest is image-level only (`mask` empty). With masks/ every anomalous image needs
+a mask, as `AnomalyDataset` expects (a dataset has masks for all its anomalous images or for none), unless
+`image_level_only` writes no masks at all. A mask whose stem matches no anomalous image, two masks for
+one image, or a sub-folder of DIR other than good/, bad/ and masks/ is an error. Paths are written
+relative to `root` (default: DIR itself), so `read_manifest(out, root=DIR)` gives absolute paths back.
 
 Example:
     >>> samples = manifest_from_folder("my_parts", "my_parts/manifest.csv")  # doctest: +SKIP
@@ -22,6 +24,7 @@ from zsadkit.data.layouts import images_in, visible_entries
 from zsadkit.data.records import Sample, write_manifest
 
 NORMAL_DIR, ANOMALOUS_DIR, MASK_DIR = "good", "bad", "masks"
+KNOWN_DIRS = (NORMAL_DIR, ANOMALOUS_DIR, MASK_DIR)
 
 
 def _anomalous_images(bad: Path) -> list[tuple[Path, str]]:
@@ -50,6 +53,7 @@ def manifest_from_folder(
     root: str | Path | None = None,
     class_name: str | None = None,
     dataset: str | None = None,
+    image_level_only: bool = False,
 ) -> list[Sample]:
     """Build (and with `out`, write) a test manifest from good/, bad/ and optional masks/ folders.
 
@@ -58,10 +62,13 @@ def manifest_from_folder(
         out: CSV or JSONL file to write; None only returns the records.
         root: paths are written relative to it (default: `folder`).
         class_name / dataset: written into every record (default: the folder's name).
+        image_level_only: ignore masks/ and write no masks (`--image-level-only`).
 
     Raises:
-        LayoutError: good/ or bad/ missing or empty, stray files, duplicate image stems.
-        MaskError: a mask matching no anomalous image, or two masks for one image.
+        LayoutError: good/ or bad/ missing or empty, an unknown sub-folder, stray files, duplicate
+            image stems.
+        MaskError: masks/ exists but an anomalous image has no mask, a mask matches no anomalous image,
+            or two masks match one image.
     """
     folder = Path(folder).expanduser().resolve()
     root = folder if root is None else Path(root).expanduser().resolve()
@@ -73,6 +80,11 @@ def manifest_from_folder(
                 f"{folder / name}: folder is missing; expected {folder}/good/ (normal images) and "
                 f"{folder}/bad/ (anomalous images), optional {folder}/masks/"
             )
+    unknown = [p.name for p in visible_entries(folder) if p.is_dir() and p.name not in KNOWN_DIRS]
+    if unknown:
+        raise LayoutError(
+            f"{folder}: unknown sub-folder(s) {unknown}; expected only {list(KNOWN_DIRS)} (move the others out)"
+        )
     anomalous = _anomalous_images(folder / ANOMALOUS_DIR)
     stems: dict[str, Path] = {}
     for image, _ in anomalous:
@@ -82,12 +94,20 @@ def manifest_from_folder(
                 "are matched by stem"
             )
         stems[image.stem] = image
-    masks = _masks_by_stem(folder / MASK_DIR) if (folder / MASK_DIR).is_dir() else {}
+    has_masks = (folder / MASK_DIR).is_dir() and not image_level_only
+    masks = _masks_by_stem(folder / MASK_DIR) if has_masks else {}
     orphans = sorted(set(masks) - set(stems))
     if orphans:
         raise MaskError(
             f"{masks[orphans[0]]}: mask matches no anomalous image in {folder / ANOMALOUS_DIR} "
             f"({len(orphans)} unmatched mask(s))"
+        )
+    unmasked = [str(image) for image, _ in anomalous if has_masks and image.stem not in masks]
+    if unmasked:
+        raise MaskError(
+            f"{len(unmasked)} anomalous image(s) have no mask in {folder / MASK_DIR}, e.g. {unmasked[:3]}; "
+            "every anomalous image needs <stem>.png or <stem>_mask.png there, or pass --image-level-only "
+            "(image_level_only=True) to write no masks at all"
         )
     samples = [
         Sample(str(image), None, 0, class_name, "good", dataset, "test")

@@ -32,10 +32,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from zsadkit.data.errors import LayoutError, MaskError
-from zsadkit.data.images import is_image_file
+from zsadkit.data.images import is_image_file, read_image
 from zsadkit.data.mvtec import read_mvtec
 
 Box = tuple[int, int, int, int]
@@ -169,16 +168,23 @@ def check_no_orphan_masks(mask_dir: Path, used: set[Path]) -> None:
 
 
 def mask_is_empty(mask: Path, box: Box | None = None) -> bool:
-    """True when no pixel of the mask (inside `box`) is non-zero."""
-    with Image.open(mask) as opened:
-        region = opened.convert("L") if box is None else opened.convert("L").crop(box)
-        return not np.asarray(region).any()
+    """True when no pixel of the mask (inside `box`) is non-zero.
+
+    Raises:
+        ImageReadError: the mask is unreadable or truncated.
+    """
+    grey = read_image(mask, "mask").convert("L")
+    region = grey if box is None else grey.crop(box)
+    return not np.asarray(region).any()
 
 
-def image_size(path: Path) -> tuple[int, int]:
-    """(width, height) from the image header."""
-    with Image.open(path) as opened:
-        return opened.size
+def image_size(path: Path, what: str = "image") -> tuple[int, int]:
+    """(width, height) of a fully decoded image file.
+
+    Raises:
+        ImageReadError: the file is unreadable or truncated (the header alone would not tell).
+    """
+    return read_image(path, what).size
 
 
 def parse_cell(value: str) -> int | float | str:
@@ -525,10 +531,10 @@ def convert_sdd_kos(root: Path, params: SddKosParams, dataset: str) -> Conversio
             if not label_file.is_file():
                 raise MaskError(f"{image}: image has no label mask; expected {label_file}")
             width, height = image_size(image)
-            if image_size(label_file) != (width, height):
+            label_size = image_size(label_file, "mask")
+            if label_size != (width, height):
                 raise MaskError(
-                    f"{label_file}: size {image_size(label_file)} differs from its image {image} "
-                    f"({width}, {height})"
+                    f"{label_file}: size {label_size} differs from its image {image} ({width}, {height})"
                 )
             bounds = [height * i // params.crops for i in range(params.crops + 1)]
             for i in range(params.crops):

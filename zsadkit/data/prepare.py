@@ -8,10 +8,11 @@ For a dataset manifest (`data_manifests/<name>.yaml`) and each requested protoco
 2. convert it with the named converter (`zsadkit.data.layouts`), masks paired by name;
 3. write the canonical copy `DATA_ROOT/<name>/<layout>/<class>/<split>/<defect>/<key>.<ext>` (images hard
    linked or copied, crops as PNG) with masks as 0/255 PNG in `<class>/ground_truth/<defect>/<key>_mask.png`,
-   and the layout's full record list `DATA_ROOT/<name>/<layout>/samples.csv`;
-4. apply the protocol's selection, check its masks and its expected counts per class (a mismatch is an
-   error printing expected vs found), and write `DATA_ROOT/<name>/manifest_<protocol>.csv` with paths
-   relative to DATA_ROOT, plus `provenance_<protocol>.json`.
+   and the layout's full record list `DATA_ROOT/<name>/<layout>/samples.csv`, first into a partial folder;
+4. apply each requested protocol's selection, check its masks and its expected counts per class (a mismatch
+   is an error printing expected vs found, and the partial copy is deleted: nothing is left to reuse), move
+   the copy into place, and write `DATA_ROOT/<name>/manifest_<protocol>.csv` with paths relative to
+   DATA_ROOT, plus `provenance_<protocol>.json`.
 
 Re-running is idempotent: a finished layout (same converter and parameters) is reused, the manifests are
 rewritten with identical content.
@@ -49,12 +50,15 @@ from zsadkit.data.dataset_spec import (
     parse_count_spec,
 )
 from zsadkit.data.errors import DataError, LayoutError, MaskError
-from zsadkit.data.layouts import RawSample, image_size, run_converter
+from zsadkit.data.images import check_mask_matches_image, read_image
+from zsadkit.data.layouts import RawSample, run_converter
 from zsadkit.data.records import Sample, read_manifest, write_manifest
 
 LAYOUT_FORMAT_VERSION = 1
 MAX_SEARCH_DEPTH = 4
 Log = Callable[[str], None]
+CheckRecords = Callable[[list[Sample]], None]
+COUNTS_OVERRIDE_SOURCE = "the expected counts given with --counts (expected_counts)"
 
 
 class CountMismatchError(DataError):
@@ -200,14 +204,8 @@ def _link_or_copy(source: Path, destination: Path) -> None:
 
 
 def _write_mask(raw: RawSample, destination: Path, threshold: int) -> None:
-    with Image.open(raw.mask) as opened:
-        grey = opened.convert("L")
-    width, height = image_size(raw.image)
-    if grey.size != (width, height):
-        raise MaskError(
-            f"{raw.mask}: mask is {grey.size[0]}x{grey.size[1]} (WxH) but its image {raw.image} is "
-            f"{width}x{height}; expected the same size"
-        )
+    grey = read_image(raw.mask, "mask").convert("L")
+    check_mask_matches_image(read_image(raw.image), grey, str(raw.image), str(raw.mask))
     if raw.crop is not None:
         grey = grey.crop(raw.crop)
     binary = (np.asarray(grey) > threshold).astype(np.uint8) * 255
@@ -222,6 +220,7 @@ def write_canonical(
     Raises:
         LayoutError: two different raw files would get the same canonical name.
         MaskError: a mask's size differs from its image's.
+        ImageReadError: an image that is cropped or has a mask, or a mask, is unreadable or truncated.
     """
     written: dict[str, tuple[Path, Any]] = {}
     samples = []
@@ -244,8 +243,7 @@ def write_canonical(
             if raw.crop is None:
                 _link_or_copy(raw.image, destination)
             else:
-                with Image.open(raw.image) as opened:
-                    opened.crop(raw.crop).save(destination)
+                read_image(raw.image).crop(raw.crop).save(destination)
             if mask_rel is not None:
                 (build_dir / mask_rel).parent.mkdir(parents=True, exist_ok=True)
                 _write_mask(raw, build_dir / mask_rel, layout.mask_threshold)
@@ -294,8 +292,14 @@ def build_layout(
     force: bool,
     keep_raw: bool,
     log: Log,
+    check: CheckRecords,
 ) -> list[Sample] | None:
     """The records of one layout's canonical copy, building it unless a finished one exists.
+
+    `check` (the requested protocols' mask and count checks) runs on the records before a new build is
+    moved into place; when it raises, the build (and, unless `keep_raw`, the extracted archives) is
+    deleted, so the next run reads `raw` again. On a reused layout a count mismatch says to rerun with
+    --force, which rereads `raw`.
 
     Returns:
         Records relative to `root`, or None when the raw data of this layout is not in `raw`.
@@ -319,6 +323,13 @@ def build_layout(
         samples = read_manifest(final / "samples.csv")
         _check_files_exist(samples, root, final / "samples.csv")
         log(f"{spec.name}/{layout.name}: reusing the prepared layout ({len(samples)} records)")
+        try:
+            check(samples)
+        except CountMismatchError as err:
+            raise CountMismatchError(
+                f"{err}\nThe canonical copy {final} was reused from an earlier prepare without reading "
+                "--raw again; if you changed the raw data, rerun with --force."
+            ) from err
         return samples
     staging = dataset_dir / ".staging"
     located = locate_layout(spec, layout, raw, staging, fetch=fetch, log=log)
@@ -349,6 +360,13 @@ def build_layout(
         "notes": conversion.notes,
     }
     (build_dir / "layout.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+    try:
+        check(samples)
+    except DataError:
+        shutil.rmtree(build_dir)
+        if not keep_raw and staging.exists():
+            shutil.rmtree(staging)
+        raise
     if final.exists():
         shutil.rmtree(final)
     build_dir.rename(final)
@@ -401,15 +419,16 @@ def check_protocol(
     samples: list[Sample],
     spec: DatasetSpec,
     protocol: ProtocolSpec,
-    expected: Mapping[str, CountSpec | None],
+    expected: Mapping[str, tuple[CountSpec | None, str]],
     log: Log,
 ) -> None:
-    """Check masks and counts of a protocol's records.
+    """Check masks and counts of a protocol's records; `expected` is split -> (counts, their source).
 
     Raises:
         MaskError: an anomalous test image lacks a mask although the protocol has masks (or has one
             although it has none).
-        CountMismatchError: counts differ from `expected`; the message prints expected vs found per class.
+        CountMismatchError: counts differ from `expected`; the message prints expected vs found per class
+            and ends with what to do.
     """
     anomalous = [s for s in samples if s.split == "test" and s.label == 1]
     if protocol.masks:
@@ -425,7 +444,7 @@ def check_protocol(
         )
     for split in ("test", "train"):
         found = count_by_class(samples, split)
-        want = expected.get(split)
+        want, source = expected.get(split, (None, ""))
         if want is None:
             if split == "test":
                 table, _ = count_table(CountSpec(total=None, per_class=found), found)
@@ -433,16 +452,26 @@ def check_protocol(
             continue
         table, ok = count_table(want, found)
         if not ok:
+            remedy = (
+                "Fix the raw data or your --counts file and rerun."
+                if source == COUNTS_OVERRIDE_SOURCE
+                else "Fix the raw data under --raw and rerun; to prepare a subset, give its expected counts "
+                "with --counts FILE."
+            )
             raise CountMismatchError(
                 f"{spec.name}, protocol {protocol.name}: {split} counts differ from the expected ones "
-                f"(source: {protocol.counts_source})\n{table}"
+                f"(source: {source})\n{table}\n{remedy}"
             )
 
 
 def _expected_counts(
     protocol: ProtocolSpec, override: Mapping[str, Any] | None
-) -> dict[str, CountSpec | None]:
-    expected: dict[str, CountSpec | None] = {"test": protocol.test, "train": protocol.train}
+) -> dict[str, tuple[CountSpec | None, str]]:
+    """split -> (expected counts, where they come from): the manifest's, or the caller's override."""
+    expected: dict[str, tuple[CountSpec | None, str]] = {
+        "test": (protocol.test, protocol.counts_source),
+        "train": (protocol.train, protocol.counts_source),
+    }
     if override is not None:
         unknown = set(override) - {"test", "train"}
         if unknown:
@@ -450,8 +479,29 @@ def _expected_counts(
                 f"expected counts override for {protocol.name}: unknown split(s) {sorted(unknown)}"
             )
         for split, raw in override.items():
-            expected[split] = parse_count_spec(raw, f"expected counts override {protocol.name}.{split}")
+            expected[split] = (
+                parse_count_spec(raw, f"expected counts override {protocol.name}.{split}"),
+                COUNTS_OVERRIDE_SOURCE,
+            )
     return expected
+
+
+def _protocol_checks(
+    spec: DatasetSpec,
+    protocols: list[ProtocolSpec],
+    expected: Mapping[str, Mapping[str, tuple[CountSpec | None, str]]],
+    selected: dict[str, list[Sample]],
+    log: Log,
+) -> CheckRecords:
+    """A check of a layout's records for `protocols`; it stores each protocol's selection in `selected`."""
+
+    def check(samples: list[Sample]) -> None:
+        for proto in protocols:
+            chosen = select_protocol(samples, proto)
+            check_protocol(chosen, spec, proto, expected[proto.name], log)
+            selected[proto.name] = chosen
+
+    return check
 
 
 def prepare_dataset(
@@ -495,16 +545,20 @@ def prepare_dataset(
     if unknown:
         raise DataError(f"expected counts given for unknown protocol(s) {sorted(unknown)} of {spec.name}")
     protocols = [spec.protocol(protocol)] if protocol is not None else list(spec.protocols.values())
-    layouts: dict[str, list[Sample] | None] = {}
+    expected = {p.name: _expected_counts(p, (expected_counts or {}).get(p.name)) for p in protocols}
+    selected: dict[str, list[Sample]] = {}
+    found: dict[str, bool] = {}  # layout -> its raw data (or a finished copy) was found
     results = []
     for proto in protocols:
         layout = spec.layout(proto.layout)
-        if layout.name not in layouts:
-            layouts[layout.name] = build_layout(
-                spec, layout, raw, root, fetch=fetch, force=force, keep_raw=keep_raw, log=log
+        if layout.name not in found:
+            users = [p for p in protocols if p.layout == layout.name]
+            check = _protocol_checks(spec, users, expected, selected, log)
+            layout_records = build_layout(
+                spec, layout, raw, root, fetch=fetch, force=force, keep_raw=keep_raw, log=log, check=check
             )
-        samples = layouts[layout.name]
-        if samples is None:
+            found[layout.name] = layout_records is not None
+        if not found[layout.name]:
             if protocol is not None:
                 raise DataError(
                     f"{raw}: raw data not found for {spec.name}/{proto.name}: {_where_to_get(spec, layout)}"
@@ -513,11 +567,9 @@ def prepare_dataset(
             log(f"{spec.name}/{proto.name}: skipped, {reason}")
             results.append(PreparedProtocol(proto.name, None, {}, skipped=reason))
             continue
-        selected = select_protocol(samples, proto)
-        expected = _expected_counts(proto, (expected_counts or {}).get(proto.name))
-        check_protocol(selected, spec, proto, expected, log)
-        manifest = write_manifest(selected, manifest_path(root, spec.name, proto.name))
-        counts = {split: count_by_class(selected, split) for split in ("test", "train")}
+        records = selected[proto.name]
+        manifest = write_manifest(records, manifest_path(root, spec.name, proto.name))
+        counts = {split: count_by_class(records, split) for split in ("test", "train")}
         provenance = {
             "dataset": spec.name,
             "protocol": proto.name,
@@ -532,7 +584,8 @@ def prepare_dataset(
         }
         provenance_path(root, spec.name, proto.name).write_text(json.dumps(provenance, indent=2) + "\n")
         n_test = sum(n + a for n, a in counts["test"].values())
-        verified = "counts verified" if expected["test"] is not None else "no published counts to verify"
+        has_test_counts = expected[proto.name]["test"][0] is not None
+        verified = "counts verified" if has_test_counts else "no published counts to verify"
         log(f"{spec.name}/{proto.name}: {n_test} test records, {verified} -> {manifest}")
         results.append(PreparedProtocol(proto.name, manifest, counts))
     return results
