@@ -11,7 +11,8 @@ use). For every backbone it prints:
 * seconds per training epoch without the cache (the reference: every step reads the PNGs and runs the frozen
   image encoder) and with the memory-mapped feature cache (text encoder and loss only), the one-time cache
   build, and their ratio (target: ≥ 10×);
-* peak memory: process RSS (CPU) or `torch.cuda.max_memory_allocated` per phase (GPU).
+* peak memory per phase: the process's RSS high-water mark, reset between phases (CPU, Linux), or
+  `torch.cuda.max_memory_allocated` (GPU).
 
 On a shared CPU, set OMP_NUM_THREADS to the cores you own: contention makes timings erratic.
 """
@@ -23,6 +24,7 @@ import resource
 import tempfile
 import time
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -33,15 +35,26 @@ from zsadkit.training import TrainConfig
 
 
 def peak_memory_mib(device: str) -> float:
+    """Peak since the last `reset_peak`: CUDA allocator peak, or the process's resident-set high-water mark."""
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # lifetime peak (no per-phase reset)
 
 
 def reset_peak(device: str) -> None:
+    """Start a new peak-memory phase (on Linux, writing 5 to clear_refs resets the RSS high-water mark)."""
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+        return
+    clear_refs = Path("/proc/self/clear_refs")
+    if clear_refs.exists():
+        clear_refs.write_text("5")
 
 
 def synchronize(device: str) -> None:
