@@ -1,13 +1,26 @@
 """VAND/April-GAN: trained per-layer projections, its map recipe, plain-CLIP image scores, training end to end."""
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
+from zsadkit.data.dataset import AnomalyDataset
+from zsadkit.data.records import Sample
 from zsadkit.engine import evaluate
 from zsadkit.experiment import RunConfig, load_split
 from zsadkit.methods.base import build_method
-from zsadkit.methods.vand import Vand, VandConfig, VandProjections, VandTrainingConfig, train_vand, vand_loss
+from zsadkit.methods.vand import (
+    MosaicDataset,
+    Vand,
+    VandConfig,
+    VandProjections,
+    VandTrainingConfig,
+    reference_few_shot_image_scores,
+    train_vand,
+    vand_loss,
+)
 from zsadkit.models import load_clip
 
 SIZE = 64
@@ -94,6 +107,83 @@ def test_few_shot_memory_adds_a_zero_distance_map_for_a_reference_image(vand):
     few_shot = vand.predict(images, ["x", "x"])
     assert torch.allclose(few_shot.anomaly_maps[0], zero_shot.anomaly_maps[0], atol=1e-4)
     assert bool((few_shot.anomaly_maps[1] > zero_shot.anomaly_maps[1] + 1e-4).any())
+
+
+def test_few_shot_image_score_is_half_text_plus_final_map_max_over_its_range(vand):
+    images = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(3))
+    text_scores = vand(images, ["x", "x"]).image_scores
+    vand.fit_references(images[:1])
+    few_shot = vand.predict(images, ["x", "x"])
+    final_max = few_shot.anomaly_maps.flatten(1).amax(dim=1)  # zero-shot + memory map
+    expected = 0.5 * (text_scores + final_max / (3 * len(TINY_LAYERS)))
+    assert torch.allclose(few_shot.image_scores, expected, atol=1e-6)
+    assert bool(((few_shot.image_scores >= 0) & (few_shot.image_scores <= 1)).all())
+
+
+def test_reference_few_shot_image_scores_min_max_the_map_maxima_over_the_class_by_hand():
+    text_scores = torch.tensor([0.2, 0.6, 0.4])
+    maps = torch.zeros(3, 2, 2)
+    maps[0, 0, 1], maps[1, 1, 1], maps[2, 0, 0] = 3.0, 7.0, 5.0  # maxima 3, 7, 5 → 0, 1, 0.5
+    scores = reference_few_shot_image_scores(text_scores, maps)
+    assert torch.allclose(scores, torch.tensor([0.1, 0.8, 0.45]))
+    assert torch.allclose(reference_few_shot_image_scores(text_scores, torch.ones(3, 2, 2)), 0.5 * text_scores)
+
+
+COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]
+
+
+def _solid_samples(tmp_path, dataset="mvtec"):
+    """Four 32×32 solid-colour test images of one class; image 2 is anomalous with an all-white mask."""
+    samples = []
+    for i, colour in enumerate(COLOURS):
+        image = tmp_path / f"{i}.png"
+        Image.new("RGB", (32, 32), colour).save(image)
+        mask = None
+        if i == 2:
+            mask = tmp_path / "2_mask.png"
+            Image.new("L", (32, 32), 255).save(mask)
+        samples.append(Sample(str(image), None if mask is None else str(mask), int(i == 2), "cube",
+                              "crack" if i == 2 else "good", dataset, "test"))
+    return samples
+
+
+def test_mosaic_is_the_four_drawn_images_in_quadrants_with_their_masks_and_any_anomalous_label(tmp_path):
+    samples = _solid_samples(tmp_path)
+    base = AnomalyDataset(samples, image_size=16)
+    dataset = MosaicDataset(base, rate=1.0, seed=0)
+    for index in range(len(samples)):
+        drawn = dataset.mosaic_indices(index)
+        item = dataset[index]
+        assert len(drawn) == 4
+        for position, source in enumerate(drawn):
+            rows = slice(8 * (position // 2) + 2, 8 * (position // 2) + 6)  # quadrant interior, away from seams
+            cols = slice(8 * (position % 2) + 2, 8 * (position % 2) + 6)
+            expected = base.image_transform(Image.new("RGB", (16, 16), COLOURS[source]))[:, :4, :4]  # normalised
+            assert torch.allclose(item["image"][:, rows, cols], expected, atol=1e-5)
+            assert bool((item["mask"][rows, cols] == float(source == 2)).all())
+        assert item["label"] == int(2 in drawn)
+        assert item["class_name"] == "cube" and item["image"].shape == (3, 16, 16)
+
+
+def test_mosaic_draws_are_seeded_and_follow_the_rate(tmp_path):
+    base = AnomalyDataset(_solid_samples(tmp_path), image_size=16)
+    first, again = MosaicDataset(base, 0.5, seed=3), MosaicDataset(base, 0.5, seed=3)
+    draws = [first.mosaic_indices(i) for i in range(4)]
+    assert draws == [again.mosaic_indices(i) for i in range(4)]
+    assert all(MosaicDataset(base, 0.0, seed=3).mosaic_indices(i) is None for i in range(4))
+    # Defect type first (good or crack, ½ each), then a record: the single crack image is drawn about half the time.
+    many = MosaicDataset(base, 1.0, seed=3)
+    picks = np.array([many.mosaic_indices(i) for i in range(4)] + [
+        (many.set_epoch(epoch), many.mosaic_indices(0))[1] for epoch in range(1, 300)]).ravel()
+    assert abs(float(np.mean(picks == 2)) - 0.5) < 0.05
+
+
+def test_mosaic_rate_defaults_to_the_reference_on_mvtec_only(tmp_path):
+    assert VandTrainingConfig().resolved_mosaic_rate(_solid_samples(tmp_path)) == 0.2
+    assert VandTrainingConfig().resolved_mosaic_rate(_solid_samples(tmp_path, "visa")) == 0.0
+    assert VandTrainingConfig(mosaic_rate=0.0).resolved_mosaic_rate(_solid_samples(tmp_path)) == 0.0
+    with pytest.raises(ValueError, match="mosaic_rate"):
+        VandTrainingConfig(mosaic_rate=1.5)
 
 
 def test_vand_trains_on_synthetic_aux_and_evaluates_on_synthetic_target(tmp_path):

@@ -124,16 +124,24 @@ def test_few_shot_fusion_with_the_query_as_its_own_reference(clip, images, fusio
     assert other.image_scores > 0.5 * winclip.predict(images[1:], ["x"]).image_scores
 
 
-def test_profiles_agree_when_their_settings_coincide(clip, images):
-    mala = WinClip(clip, WinClipConfig.from_profile("mala"))
-    aligned = WinClip(clip, WinClipConfig.from_profile("anomalib", prompts="winclip", temperature=0.01,
-                                                       normalize_prompts=True))
-    assert mala.config == aligned.config
-    a, b = mala.predict(images, ["x", "y"]), aligned.predict(images, ["x", "y"])
-    assert torch.equal(a.image_scores, b.image_scores) and torch.equal(a.anomaly_maps, b.anomaly_maps)
-    anomalib = WinClip(clip, WinClipConfig.from_profile("anomalib"))
-    assert anomalib.config.prompts == "winclip-21" and anomalib.config.temperature == 0.07
-    assert not torch.allclose(anomalib.predict(images, ["x", "y"]).image_scores, a.image_scores)
+@pytest.mark.parametrize("profile, temperature", [("mala", 0.01), ("anomalib", 0.07)])
+def test_profile_image_score_is_the_softmax_at_its_temperature_by_hand(clip, images, profile, temperature):
+    winclip = WinClip(clip, WinClipConfig.from_profile(profile))
+    global_embedding = F.normalize(winclip.encode(images).image_embedding, dim=-1)  # (B, D)
+    text = winclip.text_features("x")  # (2, D): normal, anomalous
+    cosines = global_embedding @ text.T
+    by_hand = 1.0 / (1.0 + torch.exp((cosines[:, 0] - cosines[:, 1]) / temperature))  # 2-way softmax, Eq. 1
+    assert torch.allclose(winclip.predict(images, ["x", "x"]).image_scores, by_hand, atol=1e-6)
+
+
+def test_profiles_differ_in_prompts_temperature_and_prompt_normalisation(clip, images):
+    mala, anomalib = (WinClip(clip, WinClipConfig.from_profile(name)) for name in ("mala", "anomalib"))
+    assert (mala.config.prompts, mala.config.temperature, mala.config.normalize_prompts) == ("winclip", 0.01, True)
+    assert (anomalib.config.prompts, anomalib.config.temperature, anomalib.config.normalize_prompts) == (
+        "winclip-21", 0.07, False)
+    assert not torch.allclose(mala.text_features("x"), anomalib.text_features("x"), atol=1e-4)
+    assert not torch.allclose(mala.predict(images, ["x", "y"]).image_scores,
+                              anomalib.predict(images, ["x", "y"]).image_scores, atol=1e-4)
 
 
 def test_reference_draw_is_seeded_and_without_replacement(tmp_path):

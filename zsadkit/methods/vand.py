@@ -13,16 +13,22 @@ Method, in the order of the paper's Sec. 2 (zero-shot track):
    (AnomalyCLIP's shared maps take the softmax before upsampling).
 4. Loss (Sec. 2.3): Σ_layers [focal(probabilities, mask) + dice(P_anomalous, mask)] (γ = 2, no α), on the
    auxiliary dataset's *test* split with masks; Adam(lr 1e-3, betas (0.5, 0.999)), batch 8, 3 epochs on
-   MVTec AD / 15 on VisA (`VandTrainingConfig`).
+   MVTec AD / 15 on VisA (`VandTrainingConfig`). On MVTec AD the reference replaces an item, with probability
+   ``aug_rate`` = 0.2, by a 2×2 mosaic of four random test images of its class and their masks (`MosaicDataset`,
+   ``VandTrainingConfig.mosaic_rate``; default 0.2 when every training record is from "mvtec", else 0).
 5. Inference: the pixel map is the **sum** over layers of P_anomalous (range 0 to 4), no smoothing. The image
    score is plain CLIP on the global embedding: softmax(100 · ⟨normalize(CLS → ln_post → proj), text⟩)[1];
    the trained projections do not touch it.
 
 Few-shot memory (Sec. 3, `fit_references`, optional): the raw tokens of K normal references at the same
 layers; per layer min over memory of (1 − cos), upsampled (align_corners=True) and summed over layers, added
-to the zero-shot map. The reference's image score then adds the per-image max of that map min-max normalised
-over the whole test set of the class (transductive, issue #33); a per-batch `predict` cannot do that, so the
-few-shot image score here is ½·(text probability + max of the few-shot map), documented as a deviation.
+to the zero-shot map (final map, range 0 to 3L for L layers: L probabilities plus L distances in [0, 2]). The
+reference's few-shot image score is ½·(text probability + the per-image max of the *final* map, min-max
+normalised over the whole test set of the class): transductive (issue #33), so one image's score depends on
+the others. `reference_few_shot_image_scores` computes exactly that from a whole class's outputs. A per-batch
+`predict` cannot, so its few-shot image score is ½·(text probability + max of the final map / 3L): the same
+map maximum scaled to [0, 1] by its fixed range instead of by the class's observed range (a deviation; the
+two agree up to that affine rescaling of the map term).
 
 Example:
     >>> vand = build_vand(backbone="zsad-tiny", image_size=112)  # layers 1/2/3/4 of 4
@@ -33,6 +39,7 @@ Example:
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -40,11 +47,13 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from open_clip.model import CLIP
+from PIL import Image
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from zsadkit.data.dataset import AnomalyDataset
+from zsadkit.data.images import check_mask_matches_image, read_image
 from zsadkit.data.records import Sample
 from zsadkit.losses import binary_dice_loss, focal_loss
 from zsadkit.methods.base import Prediction, register_method
@@ -53,6 +62,7 @@ from zsadkit.models import TextEncoder, VisualEncoder, load_backbone
 from zsadkit.prompts import ClassTextFeatures, prompt_ensemble
 
 VAND_LAYERS_VIT_L = (6, 12, 18, 24)
+REFERENCE_MVTEC_MOSAIC_RATE = 0.2  # reference train.py `aug_rate`
 
 
 def evenly_spaced_layers(num_layers: int, count: int = 4) -> tuple[int, ...]:
@@ -97,7 +107,10 @@ class VandTrainingConfig:
         batch_size: 8.
         lr: Adam learning rate.
         betas: Adam betas.
-        seed: `setup_seed(111)`: seeds the shuffling.
+        seed: `setup_seed(111)`: seeds the shuffling and the mosaic draws.
+        mosaic_rate: probability that an item becomes a 2×2 mosaic of four images of its class (reference
+            ``aug_rate``, applied by its MVTec AD dataset only). None = the reference's behaviour: 0.2 when every
+            training record's dataset is "mvtec", else 0.
     """
 
     epochs: int = 3
@@ -105,6 +118,97 @@ class VandTrainingConfig:
     lr: float = 1e-3
     betas: tuple[float, float] = (0.5, 0.999)
     seed: int = 111
+    mosaic_rate: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.mosaic_rate is not None and not 0.0 <= self.mosaic_rate <= 1.0:
+            raise ValueError(f"mosaic_rate must be in [0, 1] or None, got {self.mosaic_rate}")
+
+    def resolved_mosaic_rate(self, samples: Sequence[Sample]) -> float:
+        """`mosaic_rate`, with None resolved as the reference does (0.2 on MVTec AD, else 0)."""
+        if self.mosaic_rate is not None:
+            return self.mosaic_rate
+        return REFERENCE_MVTEC_MOSAIC_RATE if all(sample.dataset == "mvtec" for sample in samples) else 0.0
+
+
+def mosaic(images: Sequence[Image.Image], masks: Sequence[Image.Image]) -> tuple[Image.Image, Image.Image]:
+    """Paste four images and their masks, unresized, into 2×2 canvases (reference ``combine_img``).
+
+    The canvas is twice the first image's (W, H); image i goes to row i // 2, column i % 2, at (col·W, row·H).
+    """
+    width, height = images[0].size
+    canvas = Image.new("RGB", (2 * width, 2 * height))
+    mask_canvas = Image.new("L", (2 * width, 2 * height))
+    for position, (image, mask) in enumerate(zip(images, masks, strict=True)):
+        corner = ((position % 2) * width, (position // 2) * height)
+        canvas.paste(image.convert("RGB"), corner)
+        mask_canvas.paste(mask, corner)
+    return canvas, mask_canvas
+
+
+class MosaicDataset(Dataset):
+    """Training items with the reference's mosaic augmentation (`MVTecDataset(aug_rate)`, Sec. 2.3).
+
+    With probability ``rate`` item i is replaced by a mosaic (`mosaic`) of four records of its class, each drawn
+    as the reference does: a defect type uniformly (``good`` included), then a record of that type uniformly,
+    with replacement. The mosaic at full resolution then goes through the dataset's own transforms, so each
+    quadrant is its image resized to S/2. The reference draws from the class's test folder on disk; here from
+    the training records of the class (its test split, in the reference setting). Draws are deterministic in
+    (seed, epoch, index); call `set_epoch` each epoch. A mosaic's label is 1 if any of its four is anomalous
+    (the reference keeps the replaced item's label, which its loss does not use).
+
+    Args:
+        dataset: the records and transforms.
+        rate: mosaic probability per item.
+        seed: seed of the draws.
+    """
+
+    def __init__(self, dataset: AnomalyDataset, rate: float, seed: int) -> None:
+        self.dataset, self.rate, self.seed, self.epoch = dataset, rate, seed, 0
+        self.by_class_and_defect: dict[str, dict[str, list[int]]] = {}
+        for index, sample in enumerate(dataset.samples):
+            self.by_class_and_defect.setdefault(sample.class_name, {}).setdefault(sample.defect, []).append(index)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def mosaic_indices(self, index: int) -> list[int] | None:
+        """The four record indices item `index` is made of in this epoch, or None when it stays itself."""
+        draw = random.Random(f"vand-mosaic/{self.seed}/{self.epoch}/{index}")
+        if draw.random() >= self.rate:
+            return None
+        by_defect = self.by_class_and_defect[self.dataset.samples[index].class_name]
+        defects = sorted(by_defect)
+        return [draw.choice(by_defect[draw.choice(defects)]) for _ in range(4)]
+
+    def __getitem__(self, index: int) -> dict:
+        indices = self.mosaic_indices(index)
+        if indices is None:
+            return self.dataset[index]
+        images, masks = [], []
+        for sample in (self.dataset.samples[i] for i in indices):
+            image = read_image(sample.image)
+            if sample.mask is None:
+                mask = Image.new("L", image.size)
+            else:
+                mask = read_image(sample.mask, what="mask")
+                check_mask_matches_image(image, mask, sample.image, sample.mask)
+            images.append(image)
+            masks.append(mask)
+        image, mask = mosaic(images, masks)
+        sample = self.dataset.samples[index]
+        return {
+            "image": self.dataset.image_transform(image),
+            "mask": self.dataset.mask_transform(mask),
+            "label": int(any(self.dataset.samples[i].label for i in indices)),
+            "class_name": sample.class_name,
+            "has_mask": all(self.dataset.has_mask[i] for i in indices),
+            "image_path": sample.image,
+            "index": index,
+        }
 
 
 class VandProjections(nn.Module):
@@ -272,10 +376,27 @@ class Vand(nn.Module):
         output = self.forward(images, class_names)
         anomaly_maps, image_scores = output.anomaly_map, output.image_scores
         if self.reference_tokens is not None:
-            memory_map = self.few_shot_map(output.layer_tokens)
-            anomaly_maps = anomaly_maps + memory_map
-            image_scores = 0.5 * (image_scores + memory_map.flatten(1).amax(dim=1))
+            anomaly_maps = anomaly_maps + self.few_shot_map(output.layer_tokens)
+            map_range = 3.0 * len(self.config.layers)  # zero-shot Σ_L P ∈ [0, L] + memory Σ_L (1 − cos) ∈ [0, 2L]
+            image_scores = 0.5 * (image_scores + anomaly_maps.flatten(1).amax(dim=1) / map_range)
         return Prediction(image_scores=image_scores, anomaly_maps=anomaly_maps)
+
+
+def reference_few_shot_image_scores(text_scores: torch.Tensor, anomaly_maps: torch.Tensor) -> torch.Tensor:
+    """The reference's transductive few-shot image scores of one class's whole test set (`test.py`, issue #33).
+
+    ½·(text probability + per-image max of the final map, min-max normalised over the N images).
+
+    Args:
+        text_scores: (N,) plain-CLIP probabilities (`Vand.forward(...).image_scores`).
+        anomaly_maps: (N, S, S) final few-shot maps (`Vand.predict` with references fitted).
+    Returns:
+        (N,) scores; the map term is 0 for every image when all maxima are equal.
+    """
+    maxima = anomaly_maps.flatten(1).amax(dim=1)
+    spread = maxima.max() - maxima.min()
+    normalised = (maxima - maxima.min()) / spread if spread > 0 else torch.zeros_like(maxima)
+    return 0.5 * (text_scores + normalised)
 
 
 def vand_loss(state_maps: Sequence[torch.Tensor], masks: torch.Tensor) -> torch.Tensor:
@@ -309,16 +430,14 @@ def train_vand(
     if not samples:
         raise ValueError("train_vand: no training samples")
     generator = torch.Generator().manual_seed(config.seed)
-    loader = DataLoader(
-        AnomalyDataset(list(samples), image_size=vand.image_size),
-        batch_size=config.batch_size,
-        shuffle=True,
-        generator=generator,
-    )
+    dataset = MosaicDataset(AnomalyDataset(list(samples), image_size=vand.image_size),
+                            config.resolved_mosaic_rate(samples), config.seed)
+    loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, generator=generator)
     optimizer = torch.optim.Adam(vand.projections.parameters(), lr=config.lr, betas=config.betas)
     vand.train()
     epoch_losses = []
     for epoch in range(config.epochs):
+        dataset.set_epoch(epoch)
         total, count = 0.0, 0
         for batch in tqdm(loader, desc=f"VAND epoch {epoch + 1}/{config.epochs}", disable=not progress):
             output = vand(batch["image"], list(batch["class_name"]))

@@ -1,9 +1,19 @@
 """Check zsadkit's VAND/April-GAN against golden outputs of the reference code (`python -m zsadkit.verify vand DIR`).
 
-DIR holds the fixture described in `tests/fixtures/vand/README.md`: a tiny random CLIP (`state_dict.npz`, GELU,
-24 vision layers, text with 2 heads, positional embedding resized 4×4 → 8×8 by open_clip's bicubic resize),
-the initial projections (`linearlayer_init.npz`), inputs, and the reference's text embeddings, features, maps,
-losses, gradients and parameters after two Adam steps, and zero-shot scores and maps.
+DIR has the layout of `tests/fixtures/vand/` (see its README): a tiny random CLIP (`state_dict.npz`), the
+initial projections (`linearlayer_init.npz`), inputs, and the reference's text embeddings, features, maps,
+losses, gradients and parameters after two Adam steps, and zero-shot scores and maps. The run's settings are
+read from the directory (`fixture_settings`), never assumed:
+
+* activation: `run_info.json` ``act_layer`` ("GELU" or "QuickGELU"; required);
+* heads: `run_info.json` ``vision_heads`` / ``text_heads``; absent, vision heads follow the OpenAI rule
+  (width // 64) and text heads take the value the format's README documents (2);
+* tapped layers: `run_info.json` ``features_list``; absent, the reference's evenly spaced choice (6/12/18/24
+  of 24) for the state dict's depth and the number of layers in `train.npz` ``patch_tokens_raw``;
+* image size: the side of `inputs.npz` ``images``; class names: `inputs.npz` ``cls_name`` (each must be a key
+  of `text_prompts.npz`); positional embedding: `pos_embedding.npz` ``resized_GxG`` for the resulting grid.
+
+A missing file or key is an error line naming it and a non-zero exit, as is a run with no checks.
 
 Every comparison prints one line (name, max |ours − reference|, tolerance, OK/FAIL); the exit status is 0 only
 if all pass. Tolerances are those the fixture's README suggests, except for parameters after Adam steps
@@ -13,6 +23,7 @@ defect, detected and reported at run time); step 1 is then checked against Adam'
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,14 +32,32 @@ import numpy as np
 import torch
 
 from zsadkit.losses import binary_dice_loss, focal_loss
-from zsadkit.methods.vand import Vand, VandConfig, VandTrainingConfig
+from zsadkit.methods.vand import Vand, VandConfig, VandTrainingConfig, evenly_spaced_layers
 from zsadkit.models import load_clip
 
-FIXTURE_FILES = ("state_dict.npz", "linearlayer_init.npz", "inputs.npz", "text_prompts.npz", "train.npz",
-                 "zero_shot.npz", "pos_embedding.npz")
-LAYERS = (6, 12, 18, 24)
-IMAGE_SIZE = 112
+FIXTURE_FILES = ("run_info.json", "state_dict.npz", "linearlayer_init.npz", "inputs.npz", "text_prompts.npz",
+                 "train.npz", "zero_shot.npz", "pos_embedding.npz")
+ACTIVATIONS = {"GELU": False, "QuickGELU": True}  # run_info act_layer → load_clip(quick_gelu=...)
+README_TEXT_HEADS = 2  # tests/fixtures/vand/README.md, "Tiny model": text with 2 heads
 ADAM_EPS = 1e-8
+
+
+class FixtureError(ValueError):
+    """A fixture directory lacks a file or key, or holds inconsistent values."""
+
+
+@dataclass
+class FixtureSettings:
+    """The reference run's settings, as read from a fixture directory (see the module docstring)."""
+
+    image_size: int
+    layers: tuple[int, ...]
+    quick_gelu: bool
+    vision_heads: int | None
+    text_heads: int
+    class_names: list[str]
+    pos_embedding_key: str
+    notes: list[str]
 
 
 @dataclass
@@ -73,38 +102,92 @@ def compare_parameters(name: str, ours: torch.Tensor, reference: np.ndarray) -> 
     return check
 
 
-def load_fixture_model(directory: Path) -> tuple[Vand, dict[str, dict[str, np.ndarray]]]:
-    """The fixture's tiny CLIP wrapped in `Vand` with the reference's initial projections, and all arrays."""
+def _required(mapping: dict, key: str, file: Path) -> object:
+    if key not in mapping:
+        raise FixtureError(f"{file}: missing key {key!r} (see tests/fixtures/vand/README.md)")
+    return mapping[key]
+
+
+def fixture_settings(directory: Path, info: dict, arrays: dict[str, dict[str, np.ndarray]]) -> FixtureSettings:
+    """Read the reference run's settings from `run_info.json` and the arrays' contents and shapes."""
+    info_file, notes = directory / "run_info.json", []
+    activation = _required(info, "act_layer", info_file)
+    if activation not in ACTIVATIONS:
+        raise FixtureError(f"{info_file}: act_layer must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+    if "text_heads" in info:
+        text_heads = int(info["text_heads"])
+    else:
+        text_heads = README_TEXT_HEADS
+        notes.append(f"run_info.json has no 'text_heads': using {text_heads}, as the fixture README documents")
+    vision_heads = int(info["vision_heads"]) if "vision_heads" in info else None
+
+    images = _required(arrays["inputs"], "images", directory / "inputs.npz")
+    if images.ndim != 4 or images.shape[-1] != images.shape[-2]:
+        raise FixtureError(f"{directory / 'inputs.npz'}: images must be (B, 3, S, S), got {images.shape}")
+    image_size = int(images.shape[-1])
+
+    state_dict = arrays["state_dict"]
+    depth = len({key.split(".")[3] for key in state_dict if key.startswith("visual.transformer.resblocks.")})
+    patch = int(_required(state_dict, "visual.conv1.weight", directory / "state_dict.npz").shape[-1])
+    if "features_list" in info:
+        layers = tuple(int(layer) for layer in info["features_list"])
+    else:
+        raw = _required(arrays["train"], "patch_tokens_raw", directory / "train.npz")
+        layers = evenly_spaced_layers(depth, raw.shape[0])
+        notes.append(f"run_info.json has no 'features_list': using {list(layers)}, the reference's evenly spaced "
+                     f"layers for {depth} blocks and {raw.shape[0]} tapped layers")
+    if not layers or min(layers) < 1 or max(layers) > depth:
+        raise FixtureError(f"{info_file}: features_list {list(layers)} must name blocks 1..{depth}")
+
+    class_names = [str(name) for name in _required(arrays["inputs"], "cls_name", directory / "inputs.npz")]
+    for name in dict.fromkeys(class_names):
+        _required(arrays["text_prompts"], name, directory / "text_prompts.npz")
+    grid = image_size // patch
+    pos_embedding_key = f"resized_{grid}x{grid}"
+    _required(arrays["pos_embedding"], pos_embedding_key, directory / "pos_embedding.npz")
+    return FixtureSettings(image_size, layers, ACTIVATIONS[activation], vision_heads, text_heads, class_names,
+                           pos_embedding_key, notes)
+
+
+def load_fixture_model(directory: Path) -> tuple[Vand, dict[str, dict[str, np.ndarray]], FixtureSettings]:
+    """The fixture's tiny CLIP wrapped in `Vand` with the reference's initial projections, all arrays, and the
+    settings read from the directory."""
     missing = [name for name in FIXTURE_FILES if not (directory / name).is_file()]
     if missing:
-        raise FileNotFoundError(f"VAND fixture {directory}: missing {missing} (see tests/fixtures/vand/README.md)")
+        raise FixtureError(f"VAND fixture {directory}: missing {missing} (see tests/fixtures/vand/README.md)")
+    info = json.loads((directory / "run_info.json").read_text())
     arrays = {}
     for name in FIXTURE_FILES[1:]:
         with np.load(directory / name, allow_pickle=False) as data:
             arrays[name.removesuffix(".npz")] = {key: data[key] for key in data.files}
-    # The fork builds a GELU model at non-native sizes and resizes the positional embedding with open_clip's
-    # bicubic+antialias resize; the text tower has 2 heads of width 32 (not width // 64).
-    clip = load_clip(checkpoint=directory / "state_dict.npz", image_size=IMAGE_SIZE, pos_embed_resize="open_clip",
-                     quick_gelu=False, text_heads=2)
-    vand = Vand(clip, VandConfig(layers=LAYERS))
+    settings = fixture_settings(directory, info, arrays)
+    # The fork resizes the positional embedding with open_clip's bicubic+antialias resize.
+    clip = load_clip(checkpoint=directory / "state_dict.npz", image_size=settings.image_size,
+                     pos_embed_resize="open_clip", quick_gelu=settings.quick_gelu,
+                     vision_heads=settings.vision_heads, text_heads=settings.text_heads)
+    vand = Vand(clip, VandConfig(layers=settings.layers))
     initial = {key: torch.from_numpy(value) for key, value in arrays["linearlayer_init"].items()}
     vand.projections.load_state_dict(initial)
-    return vand, arrays
+    return vand, arrays, settings
 
 
 def run_checks(directory: str | Path) -> list[Check]:
     """All comparisons against the fixture in `directory`."""
-    vand, arrays = load_fixture_model(Path(directory))
+    vand, arrays, settings = load_fixture_model(Path(directory))
+    for note in settings.notes:
+        print(f"NOTE {note}")
     inputs, train, zero_shot = arrays["inputs"], arrays["train"], arrays["zero_shot"]
     images = torch.from_numpy(inputs["images"])
-    class_names = [str(name) for name in inputs["cls_name"]]
+    class_names = settings.class_names
+    layer_names = "/".join(str(layer) for layer in settings.layers)
     checks: list[Check] = []
 
     # Positional embedding resize (the fork's resize_pos_embed).
-    checks.append(compare("positional embedding 4x4 -> 8x8", vand.clip.visual.positional_embedding,
-                          arrays["pos_embedding"]["resized_8x8"], 1e-6, 1e-6))
+    checks.append(compare(f"positional embedding -> {settings.pos_embedding_key}",
+                          vand.clip.visual.positional_embedding,
+                          arrays["pos_embedding"][settings.pos_embedding_key], 1e-6, 1e-6))
     # Text: prompt ensemble per class, (D, 2) in the reference layout.
-    for name in ("candle", "metal_nut"):
+    for name in dict.fromkeys(class_names):
         checks.append(compare(f"text embeddings [{name}]", vand.text_features(name).T,
                               arrays["text_prompts"][name], 1e-5, 1e-5))
 
@@ -129,7 +212,7 @@ def run_checks(directory: str | Path) -> list[Check]:
                                   train["text_features"], 1e-5, 1e-5))
             checks.append(compare("image features (global)", output.image_features, train["image_features"],
                                   1e-5, 1e-5))
-            checks.append(compare("raw tokens, layers 6/12/18/24", torch.stack(output.layer_tokens),
+            checks.append(compare(f"raw tokens, layers {layer_names}", torch.stack(output.layer_tokens),
                                   train["patch_tokens_raw"], 1e-5, 1e-5))
             checks.append(compare("projected tokens", torch.stack(output.projected_tokens),
                                   train["patch_tokens_projected"], 1e-5, 1e-5))
@@ -178,10 +261,19 @@ def run_checks(directory: str | Path) -> list[Check]:
 
 
 def main(directory: str | Path) -> int:
-    """Print every check and a summary; 0 when all pass, 1 otherwise."""
-    checks = run_checks(directory)
+    """Print every check and a summary; 0 when all pass, 1 otherwise (also for a missing file or key, or when
+    nothing was checked)."""
+    try:
+        checks = run_checks(directory)
+    except (FixtureError, KeyError, OSError) as error:
+        print(f"ERROR {error}")
+        print(f"VAND verification against {directory}: not run")
+        return 1
     for check in checks:
         print(check.line())
+    if not checks:
+        print(f"VAND verification against {directory}: no checks ran")
+        return 1
     failed = [check.name for check in checks if not check.passed]
     print(f"VAND verification against {directory}: {len(checks) - len(failed)}/{len(checks)} checks passed"
           + (f"; FAILED: {failed}" if failed else ""))
