@@ -82,11 +82,46 @@ def test_safetensors_checkpoint_round_trip_restores_prompts_and_config(tiny: Ano
         assert json.loads(handle.metadata()["config"])["feature_layers"] == [4]
 
 
-def test_loading_prompts_of_another_shape_names_the_mismatch(tiny: AnomalyCLIP, tmp_path: Path) -> None:
-    path = tiny.save_prompts(tmp_path / "prompts.safetensors")
+def test_loading_prompts_of_another_shape_names_the_mismatch(tiny: AnomalyCLIP) -> None:
     longer = build_anomalyclip("zsad-tiny", "", 112, n_ctx=6)
-    with pytest.raises(ValueError, match="wrong shapes"):
-        longer.load_prompts(path)
+    with pytest.raises(ValueError, match=r"wrong shapes \['contexts: \(2, 12, 128\) vs \(2, 6, 128\)'\]"):
+        longer.load_prompt_state(tiny.trainable_parameters(), source="tiny")
+
+
+@pytest.mark.parametrize("overrides, field", [
+    ({"abnormal_word": "flawed"}, "abnormal_word"),  # same shapes: only the saved config can tell
+    ({"object_agnostic": False}, "object_agnostic"),
+    ({"n_ctx": 6}, "n_ctx"),
+    ({"deep_length": 2}, "deep_length"),
+])
+def test_saved_prompts_of_another_prompt_configuration_are_rejected(tiny: AnomalyCLIP, tmp_path: Path,
+                                                                    overrides: dict, field: str) -> None:
+    path = tiny.save_prompts(tmp_path / "prompts.safetensors")
+    other = build_anomalyclip("zsad-tiny", "", 112, **overrides)
+    with pytest.raises(ValueError, match=f"another prompt configuration.*{field}: saved"):
+        other.load_prompts(path)
+
+
+def test_saved_prompts_load_into_a_model_differing_only_in_scoring_settings(tiny: AnomalyCLIP, tmp_path: Path) -> None:
+    path = tiny.save_prompts(tmp_path / "prompts.safetensors")
+    other = build_anomalyclip("zsad-tiny", "", 112, sigma=0.0, feature_layers=(3, 4), dpam_first_layer=None)
+    other.load_prompts(path)
+    for name, value in tiny.trainable_parameters().items():
+        assert torch.equal(other.trainable_parameters()[name], value)
+
+
+def test_prediction_follows_prompts_changed_in_place() -> None:
+    model = build_anomalyclip("zsad-tiny", "", 112, seed=7)
+    images = torch.randn(2, 3, 112, 112, generator=torch.Generator().manual_seed(0))
+    before = model.predict(images, ["a", "b"])
+    with torch.no_grad():
+        model.prompt_learner.contexts[1, :, 0].add_(0.5)  # one coordinate: a uniform shift is undone by LayerNorm
+    expected = model.score(model.encode_image(images), model.text_for_images(["a", "b"]).detach())
+    after = model.predict(images, ["a", "b"])
+    assert not torch.allclose(after.image_scores, before.image_scores)
+    assert torch.equal(after.image_scores, expected.image_scores)
+    model.prompt_learner.load_state_dict({k: v * 1.5 for k, v in model.prompt_learner.state_dict().items()})
+    assert not torch.allclose(model.predict(images, ["a", "b"]).image_scores, after.image_scores)
 
 
 def test_image_score_is_abnormal_softmax_probability_of_the_global_embedding(tiny: AnomalyCLIP) -> None:
@@ -175,8 +210,17 @@ def test_registry_builds_anomalyclip_and_rejects_unknown_options() -> None:
 
 
 def test_feature_layers_beyond_the_backbone_are_rejected() -> None:
-    with pytest.raises(ValueError, match="feature_layers"):
+    with pytest.raises(ValueError, match=r"feature_layers \[24\] .*valid: 1\.\.4"):
         build_anomalyclip("zsad-tiny", "", 112, feature_layers=(24,))
+    with pytest.raises(ValueError, match=r"feature_layers \[0\]"):
+        build_anomalyclip("zsad-tiny", "", 112, feature_layers=(0, 4))
+
+
+@pytest.mark.parametrize("first_layer", [0, 5, 9])
+def test_dpam_first_layer_outside_the_backbone_is_rejected(first_layer: int) -> None:
+    with pytest.raises(ValueError, match=rf"dpam_first_layer {first_layer} .*valid: 1\.\.4, or None"):
+        build_anomalyclip("zsad-tiny", "", 112, dpam_first_layer=first_layer)
+    assert build_anomalyclip("zsad-tiny", "", 112, dpam_first_layer=4).attention_variants[0].first_layer == 4
 
 
 def test_cropping_the_text_after_eot_does_not_change_the_text_features(tiny: AnomalyCLIP) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 from zsadkit.engine import evaluate
 from zsadkit.experiment import RunConfig, load_split
 from zsadkit.methods.anomalyclip import build_anomalyclip, evaluate_cached, fit
-from zsadkit.training import TrainConfig
+from zsadkit.training import CheckpointMismatchError, TrainConfig
 
 
 @pytest.fixture(scope="module")
@@ -65,3 +66,24 @@ def test_a_training_epoch_checkpoint_loads_as_prompts(splits, tmp_path: Path) ->
     loaded = build_anomalyclip("zsad-tiny", "", 112, seed=6, checkpoint=str(tmp_path / "ckpt" / "epoch_001.safetensors"))
     for name, value in model.trainable_parameters().items():
         assert torch.equal(loaded.trainable_parameters()[name], value)
+    with pytest.raises(ValueError, match="another prompt configuration.*abnormal_word: saved 'damaged'"):
+        build_anomalyclip("zsad-tiny", "", 112, abnormal_word="flawed",
+                          checkpoint=str(tmp_path / "ckpt" / "epoch_001.safetensors"))
+
+
+def test_rerunning_fit_with_other_settings_in_the_same_checkpoint_folder_raises(splits, tmp_path: Path) -> None:
+    auxiliary, folder = splits[0][::20], tmp_path / "ckpt"
+    config = TrainConfig(epochs=1, batch_size=4, checkpoint_dir=str(folder))
+    first = build_anomalyclip("zsad-tiny", "", 112, seed=6)
+    fit(first, auxiliary, config, cache_root=tmp_path)
+    with pytest.raises(CheckpointMismatchError, match=r"train\.lr: 0\.001 → 0\.01"):
+        fit(build_anomalyclip("zsad-tiny", "", 112, seed=6), auxiliary, replace(config, lr=1e-2), cache_root=tmp_path)
+    with pytest.raises(CheckpointMismatchError, match=r"config\.abnormal_word: 'damaged' → 'flawed'"):
+        fit(build_anomalyclip("zsad-tiny", "", 112, seed=6, abnormal_word="flawed"), auxiliary, config,
+            cache_root=tmp_path)
+    with pytest.raises(CheckpointMismatchError, match="samples: "):
+        fit(build_anomalyclip("zsad-tiny", "", 112, seed=6), splits[0][1::20], config, cache_root=tmp_path)
+    resumed = build_anomalyclip("zsad-tiny", "", 112, seed=6)
+    result = fit(resumed, auxiliary, replace(config, epochs=2), cache_root=tmp_path)
+    assert result.resumed_from == 1 and [row["epoch"] for row in result.log] == [1, 2]
+    assert not torch.equal(resumed.prompt_learner.contexts, first.prompt_learner.contexts)

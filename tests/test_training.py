@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
-from zsadkit.training import TrainConfig, latest_checkpoint, train
+from zsadkit.training import CheckpointMismatchError, TrainConfig, latest_checkpoint, train
 
 
 def regression_problem(seed: int = 0) -> tuple[list[dict], dict[str, torch.nn.Parameter]]:
@@ -93,3 +94,49 @@ def test_resuming_with_other_parameters_names_the_checkpoint(tmp_path: Path) -> 
     other = {"weight": torch.nn.Parameter(torch.zeros(3))}
     with pytest.raises(ValueError, match="epoch_001.safetensors: checkpoint parameters"):
         train(other, data, lambda b: {"loss": other["weight"].sum()}, TrainConfig(epochs=2, checkpoint_dir=str(tmp_path)))
+
+
+def test_resuming_a_folder_of_another_configuration_names_the_differing_fields(tmp_path: Path) -> None:
+    data, parameters = regression_problem()
+    train(parameters, data, mse_step(parameters), TrainConfig(epochs=1, lr=0.05, checkpoint_dir=str(tmp_path)))
+    data, other = regression_problem()
+    with pytest.raises(CheckpointMismatchError, match=rf"{tmp_path}.*train\.lr: 0\.05 → 0\.01.*delete"):
+        train(other, data, mse_step(other), TrainConfig(epochs=1, lr=0.01, checkpoint_dir=str(tmp_path)))
+    with pytest.raises(CheckpointMismatchError, match=r"train\.seed: 111 → 3"):
+        train(other, data, mse_step(other), TrainConfig(epochs=1, lr=0.05, seed=3, checkpoint_dir=str(tmp_path)))
+    with pytest.raises(CheckpointMismatchError, match=r"samples: <absent> → 'abc'"):
+        train(other, data, mse_step(other), TrainConfig(epochs=1, lr=0.05, checkpoint_dir=str(tmp_path)),
+              fingerprint={"samples": "abc"})
+    assert torch.equal(other["weight"], torch.zeros(3))  # nothing was loaded
+
+
+def test_more_epochs_continue_and_fewer_epochs_resume_from_the_earlier_checkpoint(tmp_path: Path) -> None:
+    fingerprint = {"config": {"word": "damaged"}, "samples": "abc"}
+    data, first = regression_problem()
+    train(first, data, mse_step(first), TrainConfig(epochs=1, lr=0.05, checkpoint_dir=str(tmp_path)),
+          fingerprint=fingerprint)
+    after_one = {name: value.detach().clone() for name, value in first.items()}
+    data, longer = regression_problem()
+    result = train(longer, data, mse_step(longer), TrainConfig(epochs=2, lr=0.05, checkpoint_dir=str(tmp_path)),
+                   fingerprint=fingerprint)
+    assert result.resumed_from == 1 and [row["epoch"] for row in result.log] == [1, 2]
+    data, shorter = regression_problem()
+    result = train(shorter, data, mse_step(shorter), TrainConfig(epochs=1, lr=0.05, checkpoint_dir=str(tmp_path)),
+                   fingerprint=fingerprint)
+    assert result.resumed_from == 1 and [row["epoch"] for row in result.log] == [1]
+    for name in after_one:
+        assert torch.equal(shorter[name], after_one[name])
+    with pytest.raises(CheckpointMismatchError, match=r"config\.word: 'damaged' → 'flawed'"):
+        train(shorter, data, mse_step(shorter), TrainConfig(epochs=2, lr=0.05, checkpoint_dir=str(tmp_path)),
+              fingerprint={**fingerprint, "config": {"word": "flawed"}})
+
+
+def test_a_checkpoint_without_a_fingerprint_is_not_resumed(tmp_path: Path) -> None:
+    data, parameters = regression_problem()
+    train(parameters, data, mse_step(parameters), TrainConfig(epochs=1, checkpoint_dir=str(tmp_path)))
+    path = tmp_path / "epoch_001.safetensors"
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = {k: v for k, v in handle.metadata().items() if k != "fingerprint"}
+    save_file(load_file(str(path)), str(path), metadata=metadata)
+    with pytest.raises(CheckpointMismatchError, match="no training fingerprint"):
+        train(parameters, data, mse_step(parameters), TrainConfig(epochs=2, checkpoint_dir=str(tmp_path)))

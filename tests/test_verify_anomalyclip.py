@@ -9,6 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
+from zsadkit.verify import Comparison
+from zsadkit.verify.anomalyclip import REFERENCE_FILES
+
 FIXTURES = Path(__file__).parent / "fixtures" / "anomalyclip"
 
 
@@ -45,3 +48,36 @@ def test_verify_reports_missing_fixture_files(tmp_path: Path) -> None:
     result = run_verify(tmp_path)
     assert result.returncode != 0
     assert "state_dict.npz" in result.stderr and "missing" in result.stderr
+
+
+def test_verify_fails_naming_every_missing_reference_file(tmp_path: Path) -> None:
+    for name in ("run_info.json", "state_dict.npz", "prompt_learner_init.npz", "inputs.npz"):
+        shutil.copy(FIXTURES / name, tmp_path / name)
+    result = run_verify(tmp_path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    for name in REFERENCE_FILES:
+        assert any(line.startswith("FAIL") and name in line and "required file absent" in line for line in lines), name
+    assert not any(line.startswith("ok") for line in lines)
+    for name in ("e2e_btad_synth", "e2e_test_py_metrics.json"):
+        assert f"skipped: {name} absent" in lines
+    assert f"{len(REFERENCE_FILES)} required files missing" in result.stdout
+
+
+def test_verify_skips_absent_end_to_end_files_and_passes(tmp_path: Path) -> None:
+    for path in FIXTURES.iterdir():
+        if path.is_file() and not path.name.startswith("e2e_"):
+            shutil.copy(path, tmp_path / path.name)
+    result = run_verify(tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "skipped: e2e_btad_synth absent" in result.stdout.splitlines()
+    assert "e2e_test_py_metrics.json:" not in result.stdout
+
+
+def test_comparison_with_nothing_checked_is_a_failure(capsys) -> None:
+    empty = Comparison()
+    assert empty.summary() == 1
+    assert "nothing was checked" in capsys.readouterr().out
+    one = Comparison()
+    one.check("x", [1.0], [1.0], atol=0.0)
+    assert one.summary() == 0

@@ -8,10 +8,17 @@ share this loop; each supplies its trainable parameters and a `step(batch) -> {"
 * Order: epoch e shuffles with a generator seeded by `seed + e`, so a run resumed after epoch k visits the same
   batches as an uninterrupted run and ends with the same parameters (on CPU, bit for bit).
 * Checkpoints: `epoch_{e:03d}.safetensors` after every epoch, holding the parameters (`param/<name>`), the Adam
-  state (`adam/<name>/{exp_avg,exp_avg_sq,step}`) and, in the metadata, the epoch, the configuration and the
-  loss log. Files are written to a temporary name and renamed, so a checkpoint that exists is complete.
-* Resume: the latest readable checkpoint of `checkpoint_dir` is loaded (parameters, optimiser, log) and training
-  continues with the next epoch; an unreadable (e.g. truncated) file is reported and the previous one used.
+  state (`adam/<name>/{exp_avg,exp_avg_sq,step}`) and, in the metadata, the epoch, the configuration, the
+  run's fingerprint and the loss log. Files are written to a temporary name and renamed, so a checkpoint that
+  exists is complete.
+* Fingerprint: what determines the trained parameters: the `TrainConfig` fields except those that do not
+  (`RESULT_INDEPENDENT_FIELDS`: epochs, where checkpoints go, resume, workers) plus what the caller passes
+  (the method's configuration, a fingerprint of the training samples).
+* Resume: the latest readable checkpoint of `checkpoint_dir` up to `epochs` is loaded (parameters, optimiser,
+  log) and training continues with the next epoch; an unreadable (e.g. truncated) file is reported and the
+  previous one used. A checkpoint of another fingerprint (other lr, seed, data, method settings) raises
+  `CheckpointMismatchError` naming the differing fields instead of silently returning its parameters; more
+  epochs than the checkpoint's is allowed (training continues).
 * Log: per epoch the mean of every scalar the step returns, also written to `loss_log.csv`.
 
 Example:
@@ -46,6 +53,12 @@ from tqdm.auto import tqdm
 StepFunction = Callable[[dict], Mapping[str, torch.Tensor]]
 CHECKPOINT_PATTERN = "epoch_{epoch:03d}.safetensors"
 LOG_FILE = "loss_log.csv"
+#: `TrainConfig` fields that do not change the parameters after a given epoch (left out of the fingerprint).
+RESULT_INDEPENDENT_FIELDS = ("epochs", "checkpoint_dir", "resume", "num_workers")
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint folder holds a run of another configuration than the one asked to resume."""
 
 
 @dataclass(frozen=True)
@@ -106,13 +119,51 @@ def checkpoint_path(directory: str | Path, epoch: int) -> Path:
     return Path(directory) / CHECKPOINT_PATTERN.format(epoch=epoch)
 
 
-def latest_checkpoint(directory: str | Path) -> Path | None:
-    """The highest-epoch checkpoint of `directory` whose header can be read, or None."""
+def run_fingerprint(config: TrainConfig, extra: Mapping[str, object] | None = None) -> dict[str, object]:
+    """What determines the trained parameters: {"train": TrainConfig fields but `RESULT_INDEPENDENT_FIELDS`,
+    **extra}, normalised through JSON (tuples become lists) so that it compares equal to a stored copy."""
+    train_fields = {key: value for key, value in asdict(config).items() if key not in RESULT_INDEPENDENT_FIELDS}
+    return json.loads(json.dumps({"train": train_fields, **dict(extra or {})}, sort_keys=True))
+
+
+def fingerprint_differences(stored: object, current: object, prefix: str = "") -> list[str]:
+    """Dotted names of the entries that differ between two fingerprints, as "name: stored → current"."""
+    if isinstance(stored, dict) and isinstance(current, dict):
+        differences = []
+        for key in sorted(set(stored) | set(current)):
+            name = f"{prefix}.{key}" if prefix else str(key)
+            if key not in stored or key not in current:
+                shown = [repr(side[key]) if key in side else "<absent>" for side in (stored, current)]
+                differences.append(f"{name}: {shown[0]} → {shown[1]}")
+            else:
+                differences.extend(fingerprint_differences(stored[key], current[key], name))
+        return differences
+    return [] if stored == current else [f"{prefix or 'value'}: {stored!r} → {current!r}"]
+
+
+def check_fingerprint(path: str | Path, fingerprint: Mapping[str, object]) -> None:
+    """Raise `CheckpointMismatchError` when the checkpoint at `path` was trained with another fingerprint."""
+    path = Path(path)
+    with safe_open(str(path), framework="pt") as handle:
+        stored_text = (handle.metadata() or {}).get("fingerprint")
+    advice = f"use another checkpoint_dir for this configuration, or delete {path.parent} to start over"
+    if stored_text is None:
+        raise CheckpointMismatchError(f"{path}: no training fingerprint in the checkpoint (written by an older "
+                                      f"zsadkit), so resuming could return another run's parameters; {advice}")
+    differences = fingerprint_differences(json.loads(stored_text), dict(fingerprint))
+    if differences:
+        raise CheckpointMismatchError(f"checkpoint folder {path.parent} holds a run of another configuration "
+                                      f"({path.name} differs in {'; '.join(differences)}); {advice}")
+
+
+def latest_checkpoint(directory: str | Path, max_epoch: int | None = None) -> Path | None:
+    """The highest-epoch checkpoint of `directory` (at most `max_epoch`) whose header can be read, or None."""
     directory = Path(directory)
     for path in sorted(directory.glob("epoch_*.safetensors"), reverse=True):
         try:
             with safe_open(str(path), framework="pt") as handle:
-                if "epoch" in (handle.metadata() or {}):
+                metadata = handle.metadata() or {}
+                if "epoch" in metadata and (max_epoch is None or int(metadata["epoch"]) <= max_epoch):
                     return path
         except (SafetensorError, OSError, ValueError) as error:
             warnings.warn(f"{path}: unreadable checkpoint ({error}); trying an earlier epoch", stacklevel=2)
@@ -126,15 +177,19 @@ def save_checkpoint(
     epoch: int,
     log: Sequence[Mapping[str, float]],
     config: TrainConfig,
+    fingerprint: Mapping[str, object] | None = None,
 ) -> Path:
-    """Write parameters, Adam state and the log atomically (temporary file, then rename)."""
+    """Write parameters, Adam state, the log and the run's fingerprint (default: `run_fingerprint(config)`)
+    atomically (temporary file, then rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {f"param/{name}": value.detach().cpu().contiguous() for name, value in parameters.items()}
     for name, value in parameters.items():
         for key, state in optimizer.state.get(value, {}).items():
             tensors[f"adam/{name}/{key}"] = torch.as_tensor(state).detach().cpu().contiguous()
-    metadata = {"epoch": str(epoch), "log": json.dumps(list(log)), "config": json.dumps(asdict(config))}
+    metadata = {"epoch": str(epoch), "log": json.dumps(list(log)), "config": json.dumps(asdict(config)),
+                "fingerprint": json.dumps(fingerprint if fingerprint is not None else run_fingerprint(config),
+                                          sort_keys=True)}
     temporary = path.with_suffix(".tmp")
     save_file(tensors, str(temporary), metadata=metadata)
     os.replace(temporary, path)
@@ -188,6 +243,7 @@ def train(
     step: StepFunction,
     config: TrainConfig | None = None,
     *,
+    fingerprint: Mapping[str, object] | None = None,
     progress: bool = False,
 ) -> TrainResult:
     """Run `config.epochs` epochs of Adam on `parameters`, minimising `step(batch)["loss"]`.
@@ -198,10 +254,15 @@ def train(
         step: computes the objective of one batch; returns "loss" and optionally other scalars to log
             (tensors with more than one element are not logged).
         config: `TrainConfig`.
+        fingerprint: what else determines the result (e.g. {"config": method settings, "samples":
+            `samples_fingerprint(samples)`}); stored in the checkpoints and compared on resume.
         progress: show a progress bar per epoch.
 
     Returns:
         `TrainResult`.
+
+    Raises:
+        CheckpointMismatchError: `checkpoint_dir` holds checkpoints of another fingerprint (resume only).
     """
     config = config or TrainConfig()
     seed_everything(config.seed)
@@ -211,9 +272,11 @@ def train(
     optimizer = torch.optim.Adam(list(named.values()), lr=config.lr, betas=config.betas)
     result = TrainResult()
     start_epoch = 0
+    run = run_fingerprint(config, fingerprint)
     if config.checkpoint_dir and config.resume:
-        last = latest_checkpoint(config.checkpoint_dir)
+        last = latest_checkpoint(config.checkpoint_dir, max_epoch=config.epochs)
         if last is not None:
+            check_fingerprint(last, run)
             start_epoch, result.log = load_checkpoint(last, named, optimizer)
             result.resumed_from = start_epoch
     for epoch in range(start_epoch + 1, config.epochs + 1):
@@ -239,7 +302,8 @@ def train(
         result.log.append(row)
         if config.checkpoint_dir:
             result.checkpoints.append(
-                save_checkpoint(checkpoint_path(config.checkpoint_dir, epoch), named, optimizer, epoch, result.log, config)
+                save_checkpoint(checkpoint_path(config.checkpoint_dir, epoch), named, optimizer, epoch, result.log,
+                                config, run)
             )
             write_log(config.checkpoint_dir, result.log)
     return result

@@ -40,6 +40,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader
@@ -61,6 +62,8 @@ from zsadkit.training import TrainConfig, TrainResult, train
 #: Abnormality words of the paper's Table 13/14 ablation ("damaged" is the default).
 ABNORMAL_WORDS = ("damaged", "anomalous", "flawed", "defective", "blemished")
 CHECKPOINT_FORMAT = "zsadkit-anomalyclip-prompts/1"
+#: `AnomalyCLIPConfig` fields that define the prompts (Sec. 3.2): saved prompts load only into a model that agrees.
+PROMPT_FIELDS = ("abnormal_word", "object_agnostic", "shared_context", "n_ctx", "deep_depth", "deep_length")
 
 #: Our dataset names → the names of the paper's tables (Table 1: industrial, Table 2: medical).
 INDUSTRIAL_DATASETS = {"mvtec": "MVTec AD", "visa": "VisA", "mpdd": "MPDD", "btad": "BTAD", "sdd": "SDD",
@@ -209,11 +212,18 @@ class AnomalyCLIP(nn.Module):
             parameter.requires_grad_(False)
         self.visual = VisualEncoder(clip)
         self.text = TextEncoder(clip)
-        bad = [layer for layer in self.config.feature_layers if not 1 <= layer <= self.visual.num_layers]
+        num_layers = self.visual.num_layers
+        bad = [layer for layer in self.config.feature_layers if not 1 <= layer <= num_layers]
         if bad:
             raise ValueError(
-                f"feature_layers {bad} outside the {self.visual.num_layers} vision layers of this backbone "
-                "(use default_config(backbone) for its reference layers)"
+                f"feature_layers {bad} outside the {num_layers} vision layers of this backbone (valid: 1..{num_layers}; "
+                "use default_config(backbone) for its reference layers)"
+            )
+        first = self.config.dpam_first_layer
+        if first is not None and not 1 <= first <= num_layers:
+            raise ValueError(
+                f"dpam_first_layer {first} outside the {num_layers} vision layers of this backbone (valid: "
+                f"1..{num_layers}, or None for no DPAM; use default_config(backbone) for its reference layer)"
             )
         if self.config.deep_depth > len(self.text.blocks):
             raise ValueError(
@@ -221,6 +231,7 @@ class AnomalyCLIP(nn.Module):
             )
         self.prompt_learner = PromptLearner(clip.token_embedding, self.config.prompt_config(), tokenize)
         self._text_feature_cache: dict[tuple[str, ...], torch.Tensor] = {}
+        self._text_feature_cache_state: tuple = ()
 
     # ----------------------------------------------------------------------------------------- visual side
     @property
@@ -279,8 +290,18 @@ class AnomalyCLIP(nn.Module):
         features = self.encode_text(unique)
         return features[torch.tensor([unique.index(name) for name in class_names], device=features.device)]
 
+    def _prompt_state(self) -> tuple:
+        """Identifies the current prompt values: every in-place change (optimiser step, `copy_`, `+=`) bumps a
+        tensor's `_version`; moving or casting the module changes its storage."""
+        return tuple((id(p), p._version, p.data_ptr(), str(p.device), p.dtype)
+                     for p in self.prompt_learner.parameters())
+
     def _frozen_text_for_images(self, class_names: Sequence[str]) -> torch.Tensor:
         """`text_for_images` computed once per class list while the prompts do not change (test time)."""
+        state = self._prompt_state()
+        if state != self._text_feature_cache_state:
+            self._text_feature_cache.clear()
+            self._text_feature_cache_state = state
         key = () if self.config.object_agnostic else tuple(sorted(set(class_names)))
         if key not in self._text_feature_cache:
             with torch.no_grad():
@@ -424,6 +445,7 @@ class AnomalyCLIP(nn.Module):
         if not path.is_file():
             raise FileNotFoundError(f"AnomalyCLIP prompts {path} do not exist")
         if path.suffix == ".safetensors":
+            self.check_saved_config(path)
             state = load_file(str(path), device="cpu")
             if any(key.startswith("param/") for key in state):  # a `zsadkit.training` epoch checkpoint
                 state = {key[len("param/"):]: value for key, value in state.items() if key.startswith("param/")}
@@ -431,6 +453,27 @@ class AnomalyCLIP(nn.Module):
             state = import_official_prompt_learner(torch.load(path, map_location="cpu", weights_only=True), self,
                                                    source=str(path))
         self.load_prompt_state(state, source=str(path))
+
+    def check_saved_config(self, path: str | Path) -> None:
+        """Raise a ValueError when the configuration saved with prompts (`save_prompts` metadata "config", or a
+        training checkpoint's fingerprint) differs from this model's in a `PROMPT_FIELDS` field (same shapes can
+        hold prompts of another word or layout). Files without a saved configuration are only shape-checked."""
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        if "config" in metadata and metadata.get("format") == CHECKPOINT_FORMAT:
+            saved = json.loads(metadata["config"])
+        elif "fingerprint" in metadata:
+            saved = json.loads(metadata["fingerprint"]).get("config")
+        else:
+            saved = None
+        if not isinstance(saved, dict):
+            return
+        own = json.loads(self.config.to_json())
+        differing = [f"{name}: saved {saved[name]!r}, model {own[name]!r}" for name in PROMPT_FIELDS
+                     if name in saved and saved[name] != own[name]]
+        if differing:
+            raise ValueError(f"AnomalyCLIP prompts {path} were learned with another prompt configuration "
+                             f"({'; '.join(differing)}); build the model with the saved settings")
 
     def load_prompt_state(self, state: Mapping[str, torch.Tensor], source: str = "state dict") -> None:
         """Copy `contexts` and `deep_prompts.i` into the prompt learner, checking names and shapes."""
@@ -524,6 +567,10 @@ def fit(
 
     Returns:
         `TrainResult` with the per-epoch log (loss = objective, image = global CE, local = λ·Σ local terms).
+
+    Raises:
+        zsadkit.training.CheckpointMismatchError: `config.checkpoint_dir` holds a run of another method
+            configuration, training setting or sample list (the checkpoints' fingerprint).
     """
     model.train()
     if use_cache:
@@ -541,7 +588,9 @@ def fit(
             features = ImageFeatures.from_cache_rows(batch, device)
         return model.losses(features, batch["mask"], batch["label"], batch["class_name"])
 
-    result = train(model.trainable_parameters(), dataset, step, config, progress=progress)
+    fingerprint = {"method": "anomalyclip", "config": asdict(model.config), "samples": samples_fingerprint(samples),
+                   "image_features": f"cache {cache_dtype}" if use_cache and cache_dtype != "float32" else "float32"}
+    result = train(model.trainable_parameters(), dataset, step, config, fingerprint=fingerprint, progress=progress)
     model.eval()
     return result
 

@@ -4,12 +4,13 @@
 
 Each method has a module `zsadkit.verify.<method>` with `main(directory: Path) -> int` that recomputes the
 fixture arrays, prints one line per array (max |Δ| and tolerance) and returns non-zero when any array is out of
-tolerance. `Comparison` is the shared line printer and tally.
+tolerance, a required file is missing, or nothing was checked. `Comparison` is the shared line printer and tally.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -20,6 +21,23 @@ class Comparison:
 
     failures: list[str] = field(default_factory=list)
     checked: int = 0
+    missing_files: list[str] = field(default_factory=list)
+
+    def require(self, directory: Path, name: str) -> bool:
+        """True if the required file `directory/name` exists; else print a MISSING line and count a failure."""
+        if (directory / name).exists():
+            return True
+        self.missing_files.append(name)
+        self.failures.append(name)
+        print(f"FAIL  {name:<58} required file absent from {directory}")
+        return False
+
+    def optional(self, directory: Path, name: str) -> bool:
+        """True if the optional file `directory/name` exists; else print a "skipped" line."""
+        if (directory / name).exists():
+            return True
+        print(f"skipped: {name} absent")
+        return False
 
     def check(self, name: str, ours: object, reference: object, atol: float, rtol: float = 0.0) -> bool:
         """Compare one array (any shape; integer arrays compare exactly when atol = rtol = 0)."""
@@ -38,9 +56,17 @@ class Comparison:
         return within
 
     def summary(self) -> int:
-        """Print the tally; the exit status (0 = all within tolerance)."""
+        """Print the tally; the exit status (0 = every required file present, at least one array checked, all
+        within tolerance)."""
+        if self.missing_files:
+            print(f"{len(self.missing_files)} required files missing: {', '.join(self.missing_files)}")
+        outside = [name for name in self.failures if name not in self.missing_files]
+        if outside:
+            print(f"{len(outside)} of {self.checked} arrays outside tolerance: {', '.join(outside)}")
         if self.failures:
-            print(f"{len(self.failures)} of {self.checked} arrays outside tolerance: {', '.join(self.failures)}")
+            return 1
+        if self.checked == 0:
+            print("nothing was checked: no reference arrays found")
             return 1
         print(f"all {self.checked} arrays within tolerance")
         return 0

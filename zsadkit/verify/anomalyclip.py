@@ -4,8 +4,9 @@ DIR has the layout of `tests/fixtures/anomalyclip/` (see its README): `run_info.
 (`state_dict.npz`), the initial prompt learner (`prompt_learner_init.npz` and the checkpoint-format
 `prompt_learner_init_ckpt.pth`), `inputs.npz`, and the reference's text, visual, scoring, training, metric and
 end-to-end outputs. Everything is recomputed from the configuration in `run_info.json`, so fixture directories
-of other sizes, layer lists or seeds work too. Files of optional parts (metrics, end to end) are checked when
-present.
+of other sizes, layer lists or seeds work too. The reference outputs of `REFERENCE_FILES` are required (a missing
+one is a FAIL line and a non-zero exit); the end-to-end files (`e2e_*`) are optional and reported as skipped
+when absent.
 
 Tolerances (fixture README, "Tolerances"): features, maps and scores atol = rtol = 1e-5; losses atol = rtol = 1e-5;
 context gradients rtol 1e-5, atol 1e-4; deep-prompt gradients (fp16-rounded per use) rtol 2e-3, atol 1e-2;
@@ -41,6 +42,9 @@ END_TO_END_METRICS = {"atol": 1e-4, "rtol": 0.0}
 EXACT = {"atol": 0.0, "rtol": 0.0}
 
 REQUIRED_FILES = ("run_info.json", "state_dict.npz", "prompt_learner_init.npz", "inputs.npz")
+#: Reference outputs every fixture directory must hold (the fixture README's list).
+REFERENCE_FILES = ("text.npz", "visual_dpam.npz", "visual_nodpam.npz", "visual_dpam_all.npz", "scoring_all.npz",
+                   "scoring_top.npz", "train_all.npz", "train_top.npz", "metrics_inputs.npz", "metrics_outputs.json")
 
 
 def _load(directory: Path, name: str) -> dict[str, np.ndarray]:
@@ -123,7 +127,7 @@ def check_visual(run: FixtureRun, out: Comparison, images: torch.Tensor) -> None
         "visual_dpam_all.npz": run.info.get("visual_dpam_all_DPAM_layer_arg", run.num_layers + 1),
     }
     for name, dpam_argument in variants.items():
-        if not (run.directory / name).is_file():
+        if not out.require(run.directory, name):
             continue
         reference = _load(run.directory, name)
         model = run.model(features_all, dpam_argument, load_prompts=False)
@@ -156,7 +160,7 @@ def check_visual(run: FixtureRun, out: Comparison, images: torch.Tensor) -> None
 def check_scoring(run: FixtureRun, out: Comparison, images: torch.Tensor) -> None:
     for part in ("all", "top"):
         name = f"scoring_{part}.npz"
-        if not (run.directory / name).is_file():
+        if not out.require(run.directory, name):
             continue
         reference = _load(run.directory, name)
         model = run.model(run.cfg[f"features_{part}"], run.cfg["DPAM_layer"])
@@ -185,7 +189,7 @@ def check_training(run: FixtureRun, out: Comparison, images: torch.Tensor, masks
                    labels: torch.Tensor) -> None:
     for part in ("all", "top"):
         name = f"train_{part}.npz"
-        if not (run.directory / name).is_file():
+        if not out.require(run.directory, name):
             continue
         reference = _load(run.directory, name)
         model = run.model(run.cfg[f"features_{part}"], run.cfg["DPAM_layer"]).train()
@@ -238,7 +242,7 @@ def _reference_named(model: AnomalyCLIP, value) -> dict[str, torch.Tensor]:
 def check_metrics(run: FixtureRun, out: Comparison) -> None:
     from zsadkit.metrics import aupro_cflow200, image_ap, image_auroc, pixel_auroc
 
-    if not (run.directory / "metrics_inputs.npz").is_file():
+    if not all([out.require(run.directory, "metrics_inputs.npz"), out.require(run.directory, "metrics_outputs.json")]):
         return
     inputs = _load(run.directory, "metrics_inputs.npz")
     expected = json.loads((run.directory / "metrics_outputs.json").read_text())
@@ -259,13 +263,12 @@ def check_end_to_end(run: FixtureRun, out: Comparison) -> None:
     from zsadkit.engine import evaluate
 
     root, expected_file = run.directory / "e2e_btad_synth", run.directory / "e2e_test_py_metrics.json"
-    if not root.is_dir() or not expected_file.is_file():
+    if not all([out.optional(run.directory, "e2e_btad_synth"), out.optional(run.directory, "e2e_test_py_metrics.json")]):
         return
     expected = json.loads(expected_file.read_text())
     samples = read_mvtec(root, dataset="btad", normal_defect="ok", mask_suffix="")
     size = int(run.cfg["image_size"])
-    transform_file = run.directory / "e2e_transform_samples.npz"
-    if transform_file.is_file() and "transform_samples" in expected:
+    if out.optional(run.directory, "e2e_transform_samples.npz") and "transform_samples" in expected:
         reference = _load(run.directory, "e2e_transform_samples.npz")
         soft_masks = AnomalyDataset(samples, image_size=size, mask_threshold=None)
         for kind, relative in expected["transform_samples"].items():
@@ -312,7 +315,7 @@ def main(directory: Path) -> int:
     labels = torch.from_numpy(inputs["labels"])
     out = Comparison()
     print(f"AnomalyCLIP parity against {run.directory} (reference {run.info.get('reference_commit', '?')})")
-    if (run.directory / "text.npz").is_file():
+    if out.require(run.directory, "text.npz"):
         check_text(run, out)
     check_visual(run, out, images)
     check_scoring(run, out, images)
