@@ -83,6 +83,8 @@ def test_rerunning_fit_with_other_settings_in_the_same_checkpoint_folder_raises(
             cache_root=tmp_path)
     with pytest.raises(CheckpointMismatchError, match="samples: "):
         fit(build_anomalyclip("zsad-tiny", "", 112, seed=6), splits[0][1::20], config, cache_root=tmp_path)
+    with pytest.raises(CheckpointMismatchError, match="backbone_weights: "):  # other (random) backbone weights
+        fit(build_anomalyclip("zsad-tiny", "", 112, seed=7), auxiliary, config, cache_root=tmp_path)
     resumed = build_anomalyclip("zsad-tiny", "", 112, seed=6)
     result = fit(resumed, auxiliary, replace(config, epochs=2), cache_root=tmp_path)
     assert result.resumed_from == 1 and [row["epoch"] for row in result.log] == [1, 2]

@@ -589,6 +589,7 @@ def fit(
         return model.losses(features, batch["mask"], batch["label"], batch["class_name"])
 
     fingerprint = {"method": "anomalyclip", "config": asdict(model.config), "samples": samples_fingerprint(samples),
+                   "backbone_weights": module_fingerprint(model.text.clip),
                    "image_features": f"cache {cache_dtype}" if use_cache and cache_dtype != "float32" else "float32"}
     result = train(model.trainable_parameters(), dataset, step, config, fingerprint=fingerprint, progress=progress)
     model.eval()
