@@ -6,7 +6,7 @@ Maps are handed to the `Evaluator` as they are produced, so a dataset's maps are
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import pandas as pd
 import torch
@@ -48,6 +48,26 @@ def predict(
         yield batch, Prediction(prediction.image_scores.float().cpu(), prediction.anomaly_maps.float().cpu())
 
 
+def score_predictions(
+    pairs: Iterable[tuple[dict, Prediction]], *, dataset: str, has_masks: bool, pro: str | None = "cflow200"
+) -> pd.DataFrame:
+    """Metric rows of (batch, prediction) pairs, fed to the `Evaluator` one batch at a time.
+
+    `batch` holds "class_name", "label", "mask" and, when known, "image_path" (named in metric errors).
+    """
+    evaluator = Evaluator(dataset=dataset, pro=pro if has_masks else None)
+    for batch, prediction in pairs:
+        evaluator.update(
+            list(batch["class_name"]),
+            batch["label"],
+            prediction.image_scores.cpu(),
+            masks=batch["mask"] if has_masks else None,
+            maps=prediction.anomaly_maps.cpu() if has_masks else None,
+            sample_ids=list(batch["image_path"]) if "image_path" in batch else None,
+        )
+    return evaluator.compute()
+
+
 def evaluate(
     detector: Detector,
     samples: Sequence[Sample],
@@ -63,17 +83,5 @@ def evaluate(
 
     Pixel metrics are computed only when the dataset has masks; image-level-only datasets give image rows.
     """
-    has_masks = any(s.mask is not None for s in samples)
-    evaluator = Evaluator(dataset=dataset, pro=pro if has_masks else None)
-    for batch, prediction in predict(
-        detector, samples, image_size=image_size, batch_size=batch_size, device=device, progress=progress
-    ):
-        evaluator.update(
-            list(batch["class_name"]),
-            batch["label"],
-            prediction.image_scores,
-            masks=batch["mask"] if has_masks else None,
-            maps=prediction.anomaly_maps if has_masks else None,
-            sample_ids=list(batch["image_path"]),
-        )
-    return evaluator.compute()
+    pairs = predict(detector, samples, image_size=image_size, batch_size=batch_size, device=device, progress=progress)
+    return score_predictions(pairs, dataset=dataset, has_masks=any(s.mask is not None for s in samples), pro=pro)

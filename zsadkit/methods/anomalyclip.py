@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -615,19 +615,18 @@ def evaluate_cached(
     variant's evaluation costs the scoring only. Same rows as `engine.evaluate`. Disk: (1 + N)·D values per
     image and variant (ViT-L at 518: 1370 × 768, 4.2 MB in float32, 2.1 MB with `cache_dtype="float16"`).
     """
-    from zsadkit.metrics import Evaluator
+    from zsadkit.engine import score_predictions
 
     model.eval()
-    has_masks = any(sample.mask is not None for sample in samples)
-    evaluator = Evaluator(dataset=dataset, pro=pro if has_masks else None)
     rows = model.feature_cache(samples, cache_root, cache_dtype, batch_size, device, progress).dataset()
-    for batch in DataLoader(rows, batch_size=batch_size, shuffle=False):
-        class_names = list(batch["class_name"])
-        prediction = model.score(ImageFeatures.from_cache_rows(batch, device), model._frozen_text_for_images(class_names))
-        evaluator.update(class_names, batch["label"], prediction.image_scores.cpu(),
-                         masks=batch["mask"] if has_masks else None,
-                         maps=prediction.anomaly_maps.cpu() if has_masks else None)
-    return evaluator.compute()
+
+    def pairs() -> Iterator[tuple[dict, Prediction]]:
+        for batch in DataLoader(rows, batch_size=batch_size, shuffle=False):
+            text = model._frozen_text_for_images(list(batch["class_name"]))
+            yield batch, model.score(ImageFeatures.from_cache_rows(batch, device), text)
+
+    has_masks = any(sample.mask is not None for sample in samples)
+    return score_predictions(pairs(), dataset=dataset, has_masks=has_masks, pro=pro)
 
 
 @register_method("anomalyclip")

@@ -46,7 +46,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -58,9 +58,9 @@ from open_clip.model import CLIP
 from zsadkit.data.dataset import AnomalyDataset
 from zsadkit.data.records import Sample
 from zsadkit.engine import predict as engine_predict
+from zsadkit.engine import score_predictions
 from zsadkit.methods.base import Detector, Prediction, register_method
 from zsadkit.methods.clip_baseline import CLIP_TEMPERATURE
-from zsadkit.metrics import Evaluator
 from zsadkit.models import TextEncoder, VisualEncoder, load_backbone, sliding_windows
 from zsadkit.prompts import ClassTextFeatures, prompt_ensemble
 
@@ -351,19 +351,14 @@ def evaluate_few_shot(
     For each test class, `detector.fit_references` receives K normal training images of that class
     (`sample_references`), then the class's test images are scored. Rows as `zsadkit.engine.evaluate`.
     """
+
+    def pairs() -> Iterator[tuple[dict, Prediction]]:
+        for class_name in sorted({s.class_name for s in test_samples}):
+            references = AnomalyDataset(sample_references(train_samples, class_name, shots, seed), image_size)
+            detector.fit_references(torch.stack([references[i]["image"] for i in range(len(references))]).to(device))
+            class_samples = [s for s in test_samples if s.class_name == class_name]
+            yield from engine_predict(detector, class_samples, image_size=image_size, batch_size=batch_size,
+                                      device=device, progress=progress)
+
     has_masks = any(s.mask is not None for s in test_samples)
-    evaluator = Evaluator(dataset=dataset, pro=pro if has_masks else None)
-    for class_name in sorted({s.class_name for s in test_samples}):
-        references = AnomalyDataset(sample_references(train_samples, class_name, shots, seed), image_size)
-        detector.fit_references(torch.stack([references[i]["image"] for i in range(len(references))]).to(device))
-        class_samples = [s for s in test_samples if s.class_name == class_name]
-        for batch, prediction in engine_predict(detector, class_samples, image_size=image_size,
-                                                batch_size=batch_size, device=device, progress=progress):
-            evaluator.update(
-                list(batch["class_name"]),
-                batch["label"],
-                prediction.image_scores,
-                masks=batch["mask"] if has_masks else None,
-                maps=prediction.anomaly_maps if has_masks else None,
-            )
-    return evaluator.compute()
+    return score_predictions(pairs(), dataset=dataset, has_masks=has_masks, pro=pro)
