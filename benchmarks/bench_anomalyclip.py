@@ -29,8 +29,10 @@ from pathlib import Path
 import torch
 
 from zsadkit.experiment import RunConfig, load_split
-from zsadkit.methods.anomalyclip import AnomalyCLIP, default_config, fit
+from zsadkit.feature_cache import cached_rows
+from zsadkit.methods.anomalyclip import AnomalyCLIP, reference_config
 from zsadkit.models import load_clip
+from zsadkit.recipes.anomalyclip import fit
 from zsadkit.training import TrainConfig
 
 
@@ -67,7 +69,7 @@ def bench(backbone: str, image_size: int, device: str, n_images: int, batch: int
         warnings.simplefilter("ignore")
         clip = load_clip(backbone, None, image_size=image_size, device=device)
     torch.manual_seed(0)
-    model = AnomalyCLIP(clip, default_config(backbone)).to(device).eval()
+    model = AnomalyCLIP(clip, reference_config(clip)).to(device).eval()
     samples = load_split(RunConfig(profile="smoke"), "synth-aux")
     samples = (samples * (n_images // len(samples) + 1))[:n_images]
     row: dict[str, object] = {"backbone": f"{backbone}@{image_size}", "device": device, "images": n_images}
@@ -93,12 +95,12 @@ def bench(backbone: str, image_size: int, device: str, n_images: int, batch: int
     with tempfile.TemporaryDirectory(prefix="zsad-bench-cache-") as cache_root:
         reset_peak(device)
         started = time.perf_counter()
-        model.feature_cache(samples, cache_root, batch_size=batch, device=device)
+        rows = cached_rows(model, samples, name="anomalyclip", cache_root=cache_root, batch_size=batch, device=device)
         row["cache build s"] = time.perf_counter() - started
         cached = fit(model, samples, config, use_cache=True, cache_root=cache_root, device=device)
         row["epoch s (cache)"] = min(r["seconds"] for r in cached.log)
         row["train peak MiB (cache)"] = peak_memory_mib(device)
-        row["cache MiB"] = model.feature_cache(samples, cache_root).size_bytes() / 2**20
+        row["cache MiB"] = sum(path.stat().st_size for path in rows.directory.glob("*.npy")) / 2**20
     row["speed-up"] = row["epoch s (no cache)"] / row["epoch s (cache)"]
     return row
 

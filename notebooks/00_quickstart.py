@@ -27,7 +27,7 @@ image_size = 112
 data_root = ""
 out_dir = ""
 device = "cpu"
-seed = 0
+backbone_seed = 0
 batch_size = 8
 dataset = ""  # empty: synth-target in the smoke profile, mvtec in the paper profile
 n_figure_samples = 4
@@ -36,16 +36,13 @@ n_figure_samples = 4
 import matplotlib.pyplot as plt
 import torch
 
+from zsadkit.data import batches
 from zsadkit.data.transforms import OPENAI_MEAN, OPENAI_STD
-from zsadkit.engine import batches, evaluate
+from zsadkit.engine import evaluate
 from zsadkit.experiment import RunConfig, load_split
-from zsadkit.methods.clip_baseline import ClipBaseline
-from zsadkit.results import Provenance, tidy, write_results
+from zsadkit.results import tidy, write_results
 
-cfg = RunConfig(
-    profile=profile, backbone=backbone, pretrained=pretrained, image_size=image_size, data_root=data_root,
-    out_dir=out_dir, device=device, seed=seed, batch_size=batch_size,
-)
+cfg = RunConfig.from_parameters(globals())
 print(cfg.banner())
 dataset = dataset or ("synth-target" if not cfg.data_root else "mvtec")
 output = cfg.output / "quickstart"
@@ -59,9 +56,7 @@ samples = load_split(cfg, dataset, split="test")
 classes = sorted({s.class_name for s in samples})
 print(f"{dataset}: {len(samples)} test images, {sum(s.label for s in samples)} anomalous, classes {classes}")
 
-torch.manual_seed(cfg.seed)
-model = cfg.load_backbone()
-detector = ClipBaseline(model)
+detector = cfg.build("clip")  # the backbone of this run, with plain CLIP's prompts (zsadkit.methods.clip_baseline)
 
 # %% [markdown]
 # ## Score and evaluate
@@ -73,13 +68,7 @@ detector = ClipBaseline(model)
 rows = evaluate(
     detector, samples, dataset=dataset, image_size=cfg.image_size, batch_size=cfg.batch_size, device=cfg.device
 )
-results = tidy(
-    rows,
-    Provenance(
-        method="clip", backbone=cfg.backbone, weights=cfg.weights_label, image_size=cfg.image_size,
-        train_set="none", profile=cfg.profile, seed=cfg.seed,
-    ),
-)
+results = tidy(rows, cfg.provenance("clip"))
 write_results(results, output / "results.csv")
 table = results.pivot_table(index="class_name", columns=["level", "metric"], values="value") * 100
 print(f"wrote {output / 'results.csv'}" + (" (random weights: pipeline check only)" if not cfg.pretrained else ""))

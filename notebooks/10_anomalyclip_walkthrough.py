@@ -32,7 +32,8 @@ image_size = 112
 data_root = ""
 out_dir = ""
 device = "cpu"
-seed = 0
+backbone_seed = 0
+train_seed = 0  # seed of the initial prompts (used when no checkpoint is given)
 batch_size = 8
 dataset = ""  # test images; empty: synth-target (smoke) or mvtec (paper)
 train_set = ""  # auxiliary data of the training step; empty: synth-aux (smoke) or visa (paper)
@@ -47,27 +48,21 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import torch
 
+from zsadkit.data import batches
 from zsadkit.data.transforms import OPENAI_MEAN, OPENAI_STD
-from zsadkit.engine import batches
 from zsadkit.experiment import RunConfig, load_split
-from zsadkit.methods.anomalyclip import AnomalyCLIP, default_config
+from zsadkit.methods.anomalyclip import AnomalyCLIP
 from zsadkit.models.attention import ATTENTION_MODES, project_qkv
 
-cfg = RunConfig(
-    profile=profile, backbone=backbone, pretrained=pretrained, image_size=image_size, data_root=data_root,
-    out_dir=out_dir, device=device, seed=seed, batch_size=batch_size,
-)
+cfg = RunConfig.from_parameters(globals())
 print(cfg.banner())
 dataset = dataset or ("synth-target" if not cfg.data_root else "mvtec")
 train_set = train_set or ("synth-aux" if not cfg.data_root else "visa")
 output = cfg.output / "anomalyclip" / "walkthrough"
 output.mkdir(parents=True, exist_ok=True)
 
-torch.manual_seed(cfg.seed)
 clip = cfg.load_backbone()
-model = AnomalyCLIP(clip, default_config(cfg.backbone)).to(cfg.device).eval()
-if checkpoint:
-    model.load_prompts(checkpoint)
+model = cfg.build("anomalyclip", clip=clip, checkpoint=checkpoint)
 print(model.config)
 
 # %% [markdown]
@@ -149,8 +144,8 @@ diagonal
 # The same prompts score the patch tokens of the original stream (Q-K) and of the V-V side stream.
 
 # %%
-no_dpam = AnomalyCLIP(clip, default_config(cfg.backbone, dpam_first_layer=None)).to(cfg.device).eval()
-no_dpam.prompt_learner.load_state_dict(model.prompt_learner.state_dict())
+no_dpam = cfg.build("anomalyclip", clip=clip, dpam_first_layer=None)
+no_dpam.load_prompt_state(model.trainable_parameters())
 with torch.no_grad():
     maps_by_variant = {"Q-K (no DPAM)": no_dpam.predict(images, [sample.class_name]).anomaly_maps[0].cpu(),
                        "V-V (DPAM)": model.predict(images, [sample.class_name]).anomaly_maps[0].cpu()}
@@ -176,8 +171,8 @@ fig.savefig(output / "local_features_qk_vs_vv.png", dpi=100)
 train_samples = load_split(cfg, train_set, split="test")  # the reference trains on the auxiliary test split
 train_batch = next(iter(batches(train_samples[:: max(1, len(train_samples) // cfg.batch_size)][: cfg.batch_size],
                                 cfg.image_size, batch_size=cfg.batch_size)))
-step_model = AnomalyCLIP(clip, default_config(cfg.backbone)).to(cfg.device).train()
-step_model.prompt_learner.load_state_dict(model.prompt_learner.state_dict())
+step_model = cfg.build("anomalyclip", clip=clip).train()
+step_model.load_prompt_state(model.trainable_parameters())
 optimizer = torch.optim.Adam(step_model.prompt_learner.parameters(), lr=1e-3, betas=(0.5, 0.999))
 features = step_model.encode_image(train_batch["image"].to(cfg.device))
 records = []

@@ -32,13 +32,13 @@ image_size = 112
 data_root = ""
 out_dir = ""
 device = "cpu"
-seed = 0
+backbone_seed = 0
 batch_size = 8
 epochs = 2  # paper: 15
 train_batch_size = 8
 learning_rate = 0.001
 train_seed = 111
-runs = []  # [[auxiliary set, [test sets]], ...]; empty: the paper protocol, or synth-aux -> synth-target (smoke)
+runs = []  # [[auxiliary set, [test sets]], ...]; empty: the paper protocol (zsadkit/protocols.yaml), or synthetic
 checkpoints = {}  # {auxiliary set: prompts file}; a listed set is loaded instead of trained
 pro = "cflow200"
 cache_root = ""  # feature cache of the training images; empty: .cache/features
@@ -46,33 +46,20 @@ cache_dtype = "float32"  # "float16" halves the cache (ViT-L @518: ~3.6 GB inste
 
 # %%
 import pandas as pd
-import torch
 
 from zsadkit.engine import evaluate
 from zsadkit.experiment import RunConfig, load_split
-from zsadkit.methods.anomalyclip import (
-    MEDICAL_DATASETS,
-    PAPER_PROTOCOL,
-    PUBLISHED_DATASET_NAMES,
-    AnomalyCLIP,
-    default_config,
-    fit,
-)
-from zsadkit.results import Provenance, compare_with_published, published_rows, tidy, write_results
+from zsadkit.protocols import beside_published, paper_tables, protocol
+from zsadkit.recipes.anomalyclip import fit
+from zsadkit.results import tidy, write_results
 from zsadkit.training import TrainConfig
 
-cfg = RunConfig(
-    profile=profile, backbone=backbone, pretrained=pretrained, image_size=image_size, data_root=data_root,
-    out_dir=out_dir, device=device, seed=seed, batch_size=batch_size,
-)
+cfg = RunConfig.from_parameters(globals())
 print(cfg.banner())
-if not runs:
-    runs = [["synth-aux", ["synth-target"]]] if not cfg.data_root else [[a, list(t)] for a, t in PAPER_PROTOCOL]
+runs = runs or protocol("anomalyclip").runs_for(cfg.data_root)
 output = cfg.output / "anomalyclip"
 output.mkdir(parents=True, exist_ok=True)
 clip = cfg.load_backbone()
-config = default_config(cfg.backbone)
-print(config)
 
 # %% [markdown]
 # ## Train (or load) the prompts, then test zero-shot
@@ -80,15 +67,13 @@ print(config)
 # %%
 all_rows, training_logs = [], []
 for train_set, test_sets in runs:
-    torch.manual_seed(train_seed)
-    model = AnomalyCLIP(clip, config).to(cfg.device)
+    model = cfg.build("anomalyclip", clip=clip, checkpoint=str(checkpoints.get(train_set, "")))
     if train_set in checkpoints:
         checkpoint = str(checkpoints[train_set])
-        model.load_prompts(checkpoint)
         print(f"{train_set}: prompts loaded from {checkpoint}")
     else:
         train_samples = load_split(cfg, train_set, split="test")
-        train_config = TrainConfig(epochs=epochs, batch_size=train_batch_size, lr=learning_rate, seed=train_seed,
+        train_config = TrainConfig(epochs=epochs, batch_size=train_batch_size, lr=learning_rate, seed=cfg.train_seed,
                                    checkpoint_dir=str(output / "checkpoints" / train_set))
         result = fit(model, train_samples, train_config, cache_root=cache_root or None, cache_dtype=cache_dtype,
                      device=cfg.device, progress=True)
@@ -100,24 +85,23 @@ for train_set, test_sets in runs:
         test_samples = load_split(cfg, test_set, split="test")
         rows = evaluate(model, test_samples, dataset=test_set, image_size=cfg.image_size, batch_size=cfg.batch_size,
                         device=cfg.device, pro=pro)
-        all_rows.append(tidy(rows, Provenance(
-            method="anomalyclip", backbone=cfg.backbone, weights=cfg.weights_label, image_size=cfg.image_size,
-            train_set=train_set, profile=cfg.profile, seed=train_seed, checkpoint=checkpoint)))
+        all_rows.append(tidy(rows, cfg.provenance("anomalyclip", train_set=train_set, checkpoint=checkpoint,
+                                                  train_seed=cfg.train_seed)))
 results = pd.concat(all_rows, ignore_index=True)
+print(model.config)
 pd.DataFrame(training_logs).to_csv(output / "training_log.csv", index=False)
 
 # %% [markdown]
 # ## Tables 1 (industrial) and 2 (medical)
 
 # %%
-reported = {("image", "auroc"), ("image", "ap"), ("pixel", "auroc"), ("pixel", f"aupro_{pro}" if pro else "")}
-results = results[[(level, metric) in reported for level, metric in zip(results.level, results.metric, strict=True)]]
-is_medical = results.dataset.isin(list(MEDICAL_DATASETS))
-write_results(results[~is_medical], output / "table1.csv")
-write_results(results[is_medical], output / "table2.csv")
-print(f"wrote {output / 'table1.csv'} ({(~is_medical).sum()} rows) and {output / 'table2.csv'} ({is_medical.sum()} rows)"
+tables = paper_tables(results, "anomalyclip", pro)
+for name, table in tables.items():
+    write_results(table, output / f"{name}.csv")
+print(", ".join(f"wrote {output / name}.csv ({len(table)} rows)" for name, table in tables.items())
       + ("; random weights: the numbers check the pipeline only" if not cfg.pretrained else ""))
-(results.pivot_table(index=["dataset", "class_name"], columns=["level", "metric"], values="value") * 100).round(1)
+reported_rows = pd.concat(tables.values())
+(reported_rows.pivot_table(index=["dataset", "class_name"], columns=["level", "metric"], values="value") * 100).round(1)
 
 # %% [markdown]
 # ## Beside the published values
@@ -125,9 +109,6 @@ print(f"wrote {output / 'table1.csv'} ({(~is_medical).sum()} rows) and {output /
 # Rows present on one side only keep NaN on the other (e.g. the synthetic datasets of the smoke profile).
 
 # %%
-ours = results[results.class_name == "mean"].assign(
-    method="AnomalyCLIP", dataset=lambda f: f.dataset.map(lambda name: PUBLISHED_DATASET_NAMES.get(name, name)))
-published = published_rows("anomalyclip_table1_table2", method="AnomalyCLIP")
-comparison = compare_with_published(ours, published, on=["method", "dataset", "class_name", "level", "metric"])
+comparison = beside_published(results, "anomalyclip", pro=pro)
 comparison.to_csv(output / "tables_vs_published.csv", index=False)
 comparison.round(1)

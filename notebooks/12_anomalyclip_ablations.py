@@ -38,7 +38,7 @@ image_size = 112
 data_root = ""
 out_dir = ""
 device = "cpu"
-seed = 0
+backbone_seed = 0
 batch_size = 8
 epochs = 1  # paper: 15
 train_batch_size = 8
@@ -57,31 +57,21 @@ import json
 
 import matplotlib.pyplot as plt
 import pandas as pd
-import torch
 
 from zsadkit.experiment import RunConfig, load_split
-from zsadkit.methods.anomalyclip import (
-    ABNORMAL_WORDS,
-    PUBLISHED_DATASET_NAMES,
-    AnomalyCLIP,
-    default_config,
-    evaluate_cached,
-    fit,
-)
-from zsadkit.results import Provenance, compare_with_published, published_rows, tidy, write_results
+from zsadkit.methods.anomalyclip import ABNORMAL_WORDS, reference_config
+from zsadkit.protocols import beside_published, protocol, reported
+from zsadkit.recipes.anomalyclip import evaluate, fit
+from zsadkit.results import tidy, write_results
 from zsadkit.training import TrainConfig
 
-cfg = RunConfig(
-    profile=profile, backbone=backbone, pretrained=pretrained, image_size=image_size, data_root=data_root,
-    out_dir=out_dir, device=device, seed=seed, batch_size=batch_size,
-)
+cfg = RunConfig.from_parameters(globals())
 print(cfg.banner())
-if not runs:
-    runs = [["synth-aux", ["synth-target"]]] if not cfg.data_root else [["visa", ["mvtec"]], ["mvtec", ["visa"]]]
+runs = runs or protocol("anomalyclip").runs_for(cfg.data_root, ablation=True)
 output = cfg.output / "anomalyclip"
 output.mkdir(parents=True, exist_ok=True)
 clip = cfg.load_backbone()
-reference = default_config(cfg.backbone)
+reference = reference_config(clip)
 num_layers = len(clip.visual.transformer.resblocks)
 text_layers = len(clip.transformer.resblocks)
 top = reference.feature_layers
@@ -161,21 +151,18 @@ for train_set, test_sets in runs:
     train_samples = load_split(cfg, train_set, split="test")
     test_samples = {name: load_split(cfg, name, split="test") for name in test_sets}
     for table, variant, overrides, trained in entries:
-        config = default_config(cfg.backbone, **overrides)
-        key = json.dumps([train_set, config.to_json(), trained])
+        model = cfg.build("anomalyclip", clip=clip, **overrides)
+        key = json.dumps([train_set, model.config.to_json(), trained])
         if key not in done:
-            torch.manual_seed(train_seed)
-            model = AnomalyCLIP(clip, config).to(cfg.device)
             if trained:
                 fit(model, train_samples, TrainConfig(epochs=epochs, batch_size=train_batch_size, lr=learning_rate,
-                                                      seed=train_seed), cache_root=cache_root or None,
+                                                      seed=cfg.train_seed), cache_root=cache_root or None,
                     cache_dtype=cache_dtype, device=cfg.device)
-            frames = [evaluate_cached(model, samples, dataset=name, batch_size=cfg.batch_size, device=cfg.device,
-                                      pro=pro, cache_root=cache_root or None, cache_dtype=cache_dtype)
+            frames = [evaluate(model, samples, dataset=name, batch_size=cfg.batch_size, device=cfg.device, pro=pro,
+                               cache_root=cache_root or None, cache_dtype=cache_dtype)
                       for name, samples in test_samples.items()]
-            provenance = Provenance(method="anomalyclip", backbone=cfg.backbone, weights=cfg.weights_label,
-                                    image_size=cfg.image_size, train_set=train_set if trained else "none",
-                                    profile=cfg.profile, seed=train_seed)
+            provenance = cfg.provenance("anomalyclip", train_set=train_set if trained else "none",
+                                        train_seed=cfg.train_seed)
             done[key] = tidy(pd.concat(frames, ignore_index=True), provenance)
             print(f"{train_set}: {table} / {variant}: done ({len(done)} distinct runs)")
         all_rows.append(done[key].assign(table=table, variant=variant, overrides=json.dumps(overrides)))
@@ -188,17 +175,13 @@ print(f"wrote {output / 'ablations.csv'}" + ("; random weights: pipeline check o
 # Class means, percent. Fig. 6 and Fig. 8 are plots in the paper (no transcribed values).
 
 # %%
-reported = {("image", "auroc"), ("image", "ap"), ("pixel", "auroc"), ("pixel", f"aupro_{pro}" if pro else "")}
-is_reported = pd.Series([(level, metric) in reported for level, metric in zip(results.level, results.metric, strict=True)],
-                        index=results.index)
-means = results[(results.class_name == "mean") & is_reported]
-ours = means.assign(method=means.variant,
-                    dataset=means.dataset.map(lambda name: PUBLISHED_DATASET_NAMES.get(name, name)))
-published = published_rows("anomalyclip_ablations")
-published = published[published.table.isin(tables)]
-comparison = compare_with_published(ours, published, on=["table", "method", "dataset", "class_name", "level", "metric"])
+comparison = beside_published(results, "anomalyclip", pro=pro, source="anomalyclip_ablations", method_column="variant",
+                              on=["table", "method", "dataset", "class_name", "level", "metric"],
+                              published_filters={"table": tables}, only_our_methods=False)
 comparison.to_csv(output / "ablations_vs_published.csv", index=False)
-(ours.pivot_table(index=["table", "method"], columns=["dataset", "level", "metric"], values="value", sort=False)
+means = reported(results, "anomalyclip", pro)
+means = means[means.class_name == "mean"]
+(means.pivot_table(index=["table", "variant"], columns=["dataset", "level", "metric"], values="value", sort=False)
  * 100).round(1)
 
 # %% [markdown]
@@ -206,7 +189,7 @@ comparison.to_csv(output / "ablations_vs_published.csv", index=False)
 
 # %%
 figure_metrics = [m for m in (("pixel", "auroc"), ("pixel", f"aupro_{pro}"), ("image", "auroc"), ("image", "ap"))
-                  if m in reported]
+                  if m in set(zip(means.level, means.metric, strict=True))]
 fig, axes = plt.subplots(1, 5, figsize=(18, 3.4))
 for axis, (table, prefix) in zip(axes, [("Fig. 6", ""), ("Fig. 8", "E"), ("Fig. 8", "M"), ("Fig. 8", "L"),
                                         ("Fig. 8", "N")], strict=True):

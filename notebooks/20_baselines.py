@@ -40,15 +40,17 @@ image_size = 112
 data_root = ""
 out_dir = ""
 device = "cpu"
-seed = 0
+backbone_seed = 0
 batch_size = 8
 methods = ["clip", "clip-ac", "winclip", "vand", "coop"]
-runs = []  # [[auxiliary set, [test sets]], ...]; empty: the paper protocol, or synth-aux -> synth-target (smoke)
+runs = []  # [[auxiliary set, [test sets]], ...]; empty: the paper protocol (zsadkit/protocols.yaml), or synthetic
 vand_epochs = {"mvtec": 3, "visa": 15}  # reference train.sh; other training sets use `epochs`
-coop_epochs = 2  # paper: 15 (AnomalyCLIP's schedule)
+coop_epochs = 2  # paper: 15 (not stated; AnomalyCLIP's schedule)
+coop_optimizer = "coop"  # "coop": CoOp's SGD + cosine (AnomalyCLIP App. A.2); "anomalyclip": AnomalyCLIP's Adam
 epochs = 2  # VAND epochs on training sets not in vand_epochs (smoke)
 train_batch_size = 8
-train_seed = 111
+train_seed = 111  # VAND's projections and CoOp's contexts: initialisation and data order
+few_shot_seed = 0  # WinCLIP+'s reference draws
 winclip_backbone = ""  # "": the run's backbone; paper: ViT-B-16-plus-240
 winclip_pretrained = ""  # paper: laion400m_e31
 winclip_image_size = 0  # 0: the run's image size; paper: 240
@@ -59,41 +61,28 @@ pro = "cflow200"
 # %%
 import matplotlib.pyplot as plt
 import pandas as pd
-import torch
-from safetensors.torch import save_file
 
-import zsadkit.methods.clip_baseline  # noqa: F401  (registers "clip", "clip-ac")
-from zsadkit.engine import evaluate, predict
+from zsadkit.engine import evaluate, evaluate_few_shot, predict
 from zsadkit.experiment import RunConfig, load_split
-from zsadkit.methods.anomalyclip import MEDICAL_DATASETS, PAPER_PROTOCOL, PUBLISHED_DATASET_NAMES, fit
-from zsadkit.methods.base import build_method
-from zsadkit.methods.coop import build_coop
-from zsadkit.methods.vand import VandTrainingConfig, build_vand, train_vand
-from zsadkit.methods.winclip import build_winclip, evaluate_few_shot
-from zsadkit.results import Provenance, compare_with_published, published_rows, tidy, write_results
-from zsadkit.training import TrainConfig
-
-cfg = RunConfig(
-    profile=profile, backbone=backbone, pretrained=pretrained, image_size=image_size, data_root=data_root,
-    out_dir=out_dir, device=device, seed=seed, batch_size=batch_size,
+from zsadkit.protocols import (
+    beside_published,
+    paper_tables,
+    protocol,
+    published_dataset_name,
+    published_method_name,
 )
+from zsadkit.recipes import coop as coop_recipe
+from zsadkit.recipes.vand import VandTrainingConfig, train_vand
+from zsadkit.results import tidy, write_results
+
+cfg = RunConfig.from_parameters(globals())
 print(cfg.banner())
-if not runs:
-    runs = [["synth-aux", ["synth-target"]]] if not cfg.data_root else [[a, list(t)] for a, t in PAPER_PROTOCOL]
+runs = runs or protocol("anomalyclip").runs_for(cfg.data_root)
 test_sets = sorted({name for _, tests in runs for name in tests})
-winclip_settings = dict(backbone=winclip_backbone or cfg.backbone, pretrained=winclip_pretrained or cfg.pretrained,
-                        image_size=winclip_image_size or cfg.image_size)
+winclip_cfg = cfg.with_backbone(winclip_backbone, winclip_pretrained or None, winclip_image_size)
 output = cfg.output / "baselines"
 output.mkdir(parents=True, exist_ok=True)
-DISPLAY = {"clip": "CLIP", "clip-ac": "CLIP-AC", "winclip": "WinCLIP", "vand": "VAND", "coop": "CoOp"}
-print("runs:", runs, "| WinCLIP:", winclip_settings)
-
-
-def provenance(method: str, train_set: str = "none", shots: int = 0, checkpoint: str = "", **settings) -> Provenance:
-    settings = {"backbone": cfg.backbone, "pretrained": cfg.pretrained, "image_size": cfg.image_size, **settings}
-    return Provenance(method=method, backbone=settings["backbone"], weights=settings["pretrained"] or "random",
-                      image_size=settings["image_size"], train_set=train_set, profile=cfg.profile, shots=shots,
-                      seed=cfg.seed, checkpoint=checkpoint)
+print("runs:", runs, "| WinCLIP:", winclip_cfg.backbone, winclip_cfg.weights_label, winclip_cfg.image_size)
 
 
 def score(detector, test_set: str, size: int) -> pd.DataFrame:
@@ -108,16 +97,14 @@ def score(detector, test_set: str, size: int) -> pd.DataFrame:
 # %%
 all_rows = []
 for method in [m for m in methods if m in ("clip", "clip-ac")]:
-    detector = build_method(method, backbone=cfg.backbone, pretrained=cfg.pretrained, image_size=cfg.image_size,
-                            device=cfg.device, seed=cfg.seed)
+    detector = cfg.build(method)
     for test_set in test_sets:
-        all_rows.append(tidy(score(detector, test_set, cfg.image_size), provenance(method)))
+        all_rows.append(tidy(score(detector, test_set, cfg.image_size), cfg.provenance(method)))
         print(f"{method}: {test_set} done")
 if "winclip" in methods:
-    winclip = build_winclip(**winclip_settings, device=cfg.device, seed=cfg.seed, profile=winclip_profile)
+    winclip = winclip_cfg.build("winclip", profile=winclip_profile)
     for test_set in test_sets:
-        all_rows.append(tidy(score(winclip, test_set, winclip_settings["image_size"]),
-                             provenance("winclip", **winclip_settings)))
+        all_rows.append(tidy(score(winclip, test_set, winclip_cfg.image_size), winclip_cfg.provenance("winclip")))
         print(f"winclip: {test_set} done")
 
 # %% [markdown]
@@ -128,32 +115,31 @@ training_logs = []
 for train_set, tests in runs:
     train_samples = load_split(cfg, train_set, split="test")
     if "vand" in methods:
-        torch.manual_seed(train_seed)
-        vand = build_vand(backbone=cfg.backbone, pretrained=cfg.pretrained, image_size=cfg.image_size,
-                          device=cfg.device, seed=cfg.seed)
+        vand = cfg.build("vand")
         n_epochs = vand_epochs.get(train_set, epochs)
-        losses = train_vand(vand, train_samples, VandTrainingConfig(epochs=n_epochs, batch_size=train_batch_size,
-                                                                    seed=train_seed))
-        checkpoint = output / f"vand_projections_{train_set}.safetensors"
-        save_file({k: v.detach().cpu().contiguous() for k, v in vand.projections.state_dict().items()}, str(checkpoint))
-        training_logs += [{"method": "vand", "train_set": train_set, "epoch": i + 1, "loss": v}
-                          for i, v in enumerate(losses)]
+        result = train_vand(vand, train_samples, VandTrainingConfig(
+            epochs=n_epochs, batch_size=train_batch_size, seed=cfg.train_seed,
+            checkpoint_dir=str(output / "checkpoints" / f"vand_{train_set}")))
+        checkpoint = vand.save_projections(output / f"vand_projections_{train_set}.safetensors",
+                                           metadata={"train_set": train_set, "epochs": str(n_epochs)})
+        training_logs += [{"method": "vand", "train_set": train_set, "epoch": row["epoch"], "loss": row["loss"]}
+                          for row in result.log]
         for test_set in tests:
-            all_rows.append(tidy(score(vand, test_set, cfg.image_size),
-                                 provenance("vand", train_set, checkpoint=str(checkpoint))))
+            all_rows.append(tidy(score(vand, test_set, cfg.image_size), cfg.provenance(
+                "vand", train_set=train_set, checkpoint=checkpoint, train_seed=cfg.train_seed)))
         print(f"vand: trained {n_epochs} epochs on {train_set}, tested on {tests}")
     if "coop" in methods:
-        coop = build_coop(backbone=cfg.backbone, pretrained=cfg.pretrained, image_size=cfg.image_size,
-                          device=cfg.device, seed=train_seed)
-        result = fit(coop, train_samples, TrainConfig(epochs=coop_epochs, batch_size=train_batch_size, seed=train_seed),
-                     device=cfg.device)
+        coop = cfg.build("coop")
+        result = coop_recipe.fit(coop, train_samples, coop_recipe.train_config(
+            coop_optimizer, epochs=coop_epochs, seed=cfg.train_seed,
+            checkpoint_dir=str(output / "checkpoints" / f"coop_{train_set}")), device=cfg.device)
         checkpoint = coop.save_prompts(output / f"coop_prompts_{train_set}.safetensors",
                                        metadata={"train_set": train_set, "epochs": str(coop_epochs)})
         training_logs += [{"method": "coop", "train_set": train_set, "epoch": row["epoch"], "loss": row["loss"]}
                           for row in result.log]
         for test_set in tests:
-            all_rows.append(tidy(score(coop, test_set, cfg.image_size),
-                                 provenance("coop", train_set, checkpoint=str(checkpoint))))
+            all_rows.append(tidy(score(coop, test_set, cfg.image_size), cfg.provenance(
+                "coop", train_set=train_set, checkpoint=checkpoint, train_seed=cfg.train_seed)))
         print(f"coop: trained {coop_epochs} epochs on {train_set}, tested on {tests}")
 results = pd.concat(all_rows, ignore_index=True)
 pd.DataFrame(training_logs).to_csv(output / "training_log.csv", index=False)
@@ -163,13 +149,12 @@ write_results(results, output / "results.csv")
 # ## Tables 1 (industrial) and 2 (medical): the baseline columns
 
 # %%
-reported = {("image", "auroc"), ("image", "ap"), ("pixel", "auroc"), ("pixel", f"aupro_{pro}" if pro else "")}
-table = results[[(lv, mt) in reported for lv, mt in zip(results.level, results.metric, strict=True)]]
-is_medical = table.dataset.isin(list(MEDICAL_DATASETS))
-write_results(table[~is_medical], output / "table1.csv")
-write_results(table[is_medical], output / "table2.csv")
+tables = paper_tables(results, "anomalyclip", pro)
+for name, table in tables.items():
+    write_results(table, output / f"{name}.csv")
 if not cfg.pretrained:
     print("RANDOM weights: these numbers check the pipeline only and say nothing about the methods.")
+table = pd.concat(tables.values())
 means = table[table.class_name == "mean"]
 (means.pivot_table(index=["dataset", "level", "metric"], columns="method", values="value") * 100).round(1)
 
@@ -178,11 +163,7 @@ means = table[table.class_name == "mean"]
 # Rows present on one side only keep NaN on the other (e.g. the synthetic datasets of the smoke profile).
 
 # %%
-ours = means.assign(method=lambda f: f.method.map(DISPLAY),
-                    dataset=lambda f: f.dataset.map(lambda name: PUBLISHED_DATASET_NAMES.get(name, name)))
-published = published_rows("anomalyclip_table1_table2")
-published = published[published.method.isin([DISPLAY[m] for m in methods])]
-comparison = compare_with_published(ours, published, on=["method", "dataset", "class_name", "level", "metric"])
+comparison = beside_published(results, "anomalyclip", pro=pro)
 comparison.to_csv(output / "tables_vs_published.csv", index=False)
 comparison.round(1)
 
@@ -210,25 +191,22 @@ if "winclip" in methods and shots:
         train_samples = load_split(cfg, test_set, split="train")
         for k in shots:
             rows = evaluate_few_shot(winclip, test_samples, train_samples, k, dataset=test_set,
-                                     image_size=winclip_settings["image_size"], batch_size=cfg.batch_size,
-                                     device=cfg.device, seed=cfg.seed, pro=pro)
-            few_shot_rows.append(tidy(rows, provenance("winclip+", shots=k, **winclip_settings)))
+                                     image_size=winclip_cfg.image_size, batch_size=cfg.batch_size,
+                                     device=cfg.device, seed=few_shot_seed, pro=pro)
+            few_shot_rows.append(tidy(rows, winclip_cfg.provenance("winclip+", shots=k, train_seed=few_shot_seed)))
             print(f"winclip+: {test_set}, K = {k} done")
         winclip.clear_references()
 few_shot = pd.concat(few_shot_rows, ignore_index=True) if few_shot_rows else pd.DataFrame()
 if len(few_shot):
     write_results(few_shot, output / "winclip_few_shot.csv")
-    reference = published_rows("baselines_reported_reference")
-    reference = reference[reference.method == "WinCLIP+"].assign(
-        shots=lambda f: f.setting.str.extract(r"(\d+)-shot", expand=False).astype(float))
-    ours_few = few_shot[few_shot.class_name == "mean"].assign(
-        method="WinCLIP+", dataset=lambda f: f.dataset.map(lambda name: PUBLISHED_DATASET_NAMES.get(name, name)))
-    few_comparison = compare_with_published(ours_few, reference,
-                                            on=["method", "dataset", "class_name", "level", "metric", "shots"])
+    few_comparison = beside_published(few_shot, "anomalyclip", pro=pro, source="baselines_reported_reference",
+                                      on=["method", "dataset", "class_name", "level", "metric", "shots"],
+                                      reported_only=False)
     few_comparison.to_csv(output / "winclip_few_shot_vs_published.csv", index=False)
     fig, axis = plt.subplots(figsize=(5, 3.4))
-    for (dataset, level), group in ours_few[ours_few.metric == "auroc"].groupby(["dataset", "level"]):
-        axis.plot(group.shots, group.value * 100, marker="o", label=f"{dataset} {level}")
+    ours_few = few_shot[(few_shot.class_name == "mean") & (few_shot.metric == "auroc")]
+    for (dataset, level), group in ours_few.groupby(["dataset", "level"]):
+        axis.plot(group.shots, group.value * 100, marker="o", label=f"{published_dataset_name(dataset)} {level}")
     axis.set_xlabel("K (reference images per class)")
     axis.set_ylabel("AUROC (%)")
     axis.set_xticks(shots)
@@ -251,8 +229,7 @@ samples = [s for s in load_split(cfg, example_set, split="test") if s.label == 1
 detectors = {}
 if "clip" in methods or "clip-ac" in methods:
     for name in [m for m in methods if m in ("clip", "clip-ac")]:
-        detectors[name] = build_method(name, backbone=cfg.backbone, pretrained=cfg.pretrained,
-                                       image_size=cfg.image_size, device=cfg.device, seed=cfg.seed)
+        detectors[name] = cfg.build(name)
 if "winclip" in methods:
     detectors["winclip"] = winclip
 if "vand" in methods:
@@ -261,7 +238,7 @@ if "coop" in methods:
     detectors["coop"] = coop
 fig, axes = plt.subplots(1, len(detectors) + 2, figsize=(2.2 * (len(detectors) + 2), 2.4))
 for index, (name, detector) in enumerate(detectors.items()):
-    size = winclip_settings["image_size"] if name == "winclip" else cfg.image_size
+    size = winclip_cfg.image_size if name == "winclip" else cfg.image_size
     batch, prediction = next(predict(detector, samples, image_size=size, batch_size=1, device=cfg.device,
                                      progress=False))
     if index == 0:
@@ -271,7 +248,7 @@ for index, (name, detector) in enumerate(detectors.items()):
         axes[1].imshow(batch["mask"][0].numpy(), cmap="gray")
         axes[1].set_title("ground truth", fontsize=8)
     axes[index + 2].imshow(prediction.anomaly_maps[0].numpy(), cmap="jet")
-    axes[index + 2].set_title(DISPLAY[name], fontsize=8)
+    axes[index + 2].set_title(published_method_name(name), fontsize=8)
 for axis in axes:
     axis.axis("off")
 fig.tight_layout()

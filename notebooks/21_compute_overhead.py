@@ -37,7 +37,7 @@ image_size = 112
 data_root = ""
 out_dir = ""
 device = "cpu"
-seed = 0
+backbone_seed = 0
 batch_size = 8
 train_set = ""  # "": synth-aux (smoke) or mvtec (paper)
 test_set = ""  # "": synth-target (smoke) or visa (paper)
@@ -59,21 +59,15 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import torch
 
-import zsadkit.methods.clip_baseline  # noqa: F401  (registers "clip")
 from zsadkit.data.dataset import AnomalyDataset
 from zsadkit.experiment import RunConfig, load_split
-from zsadkit.methods.anomalyclip import fit
-from zsadkit.methods.base import build_method
-from zsadkit.methods.coop import build_coop
-from zsadkit.methods.vand import VandTrainingConfig, build_vand, train_vand
-from zsadkit.methods.winclip import build_winclip
-from zsadkit.results import Provenance, published_rows, tidy, write_results
+from zsadkit.recipes import anomalyclip as anomalyclip_recipe
+from zsadkit.recipes import coop as coop_recipe
+from zsadkit.recipes.vand import VandTrainingConfig, train_vand
+from zsadkit.results import published_rows, tidy, write_results
 from zsadkit.training import TrainConfig
 
-cfg = RunConfig(
-    profile=profile, backbone=backbone, pretrained=pretrained, image_size=image_size, data_root=data_root,
-    out_dir=out_dir, device=device, seed=seed, batch_size=batch_size,
-)
+cfg = RunConfig.from_parameters(globals())
 print(cfg.banner())
 if torch_threads:
     torch.set_num_threads(torch_threads)
@@ -81,11 +75,7 @@ train_set = train_set or ("mvtec" if cfg.data_root else "synth-aux")
 test_set = test_set or ("visa" if cfg.data_root else "synth-target")
 output = cfg.output / "compute_overhead"
 output.mkdir(parents=True, exist_ok=True)
-run_settings = dict(backbone=cfg.backbone, pretrained=cfg.pretrained, image_size=cfg.image_size, device=cfg.device,
-                    seed=cfg.seed)
-winclip_settings = dict(run_settings, backbone=winclip_backbone or cfg.backbone,
-                        pretrained=winclip_pretrained or cfg.pretrained,
-                        image_size=winclip_image_size or cfg.image_size)
+winclip_cfg = cfg.with_backbone(winclip_backbone, winclip_pretrained or None, winclip_image_size)
 all_train = load_split(cfg, train_set, split="test")
 train_samples = all_train[:n_train_images] if n_train_images else all_train
 epoch_size = full_train_size or len(all_train)
@@ -133,35 +123,35 @@ def minutes_per_epoch(train_one_epoch) -> float:
 # ## Measure
 
 # %%
-one_epoch = TrainConfig(epochs=1, batch_size=train_batch_size, seed=111)
+one_epoch = TrainConfig(epochs=1, batch_size=train_batch_size, seed=cfg.train_seed)
 measured = []
 
-clip_detector = build_method("clip", **run_settings)
-measured.append(("CLIP", "clip", None, images_per_second(clip_detector, cfg.image_size), run_settings))
+clip_detector = cfg.build("clip")
+measured.append(("CLIP", "clip", None, images_per_second(clip_detector, cfg.image_size), cfg))
 print("CLIP done")
 
-winclip = build_winclip(**winclip_settings)
-measured.append(("WinCLIP", "winclip", None, images_per_second(winclip, winclip_settings["image_size"]),
-                 winclip_settings))
+winclip = winclip_cfg.build("winclip")
+measured.append(("WinCLIP", "winclip", None, images_per_second(winclip, winclip_cfg.image_size), winclip_cfg))
 print("WinCLIP done")
 
-vand = build_vand(**run_settings)
+vand = cfg.build("vand")
 vand_minutes = minutes_per_epoch(lambda: train_vand(vand, train_samples, VandTrainingConfig(
-    epochs=1, batch_size=train_batch_size), progress=False))
-measured.append(("VAND", "vand", vand_minutes, images_per_second(vand, cfg.image_size), run_settings))
+    epochs=1, batch_size=train_batch_size, seed=cfg.train_seed)))
+measured.append(("VAND", "vand", vand_minutes, images_per_second(vand, cfg.image_size), cfg))
 print("VAND done")
 
-coop = build_coop(**run_settings)
-coop_minutes = minutes_per_epoch(lambda: fit(coop, train_samples, one_epoch, use_cache=False, device=cfg.device))
-measured.append(("CoOp", "coop", coop_minutes, images_per_second(coop, cfg.image_size), run_settings))
+coop = cfg.build("coop")
+coop_minutes = minutes_per_epoch(lambda: coop_recipe.fit(coop, train_samples, coop_recipe.train_config(
+    epochs=1, seed=cfg.train_seed), use_cache=False, device=cfg.device))
+measured.append(("CoOp", "coop", coop_minutes, images_per_second(coop, cfg.image_size), cfg))
 print("CoOp done")
 
 for label, method, overrides in (("AnomalyCLIP", "anomalyclip", {}),
                                  ("AnomalyCLIP without DPAM", "anomalyclip", {"dpam_first_layer": None})):
-    model = build_method("anomalyclip", **run_settings, **overrides).to(cfg.device)
-    minutes = minutes_per_epoch(lambda model=model: fit(model, train_samples, one_epoch, use_cache=False,
-                                                        device=cfg.device))
-    measured.append((label, method, minutes, images_per_second(model, cfg.image_size), run_settings))
+    model = cfg.build("anomalyclip", **overrides)
+    minutes = minutes_per_epoch(lambda model=model: anomalyclip_recipe.fit(model, train_samples, one_epoch,
+                                                                           use_cache=False, device=cfg.device))
+    measured.append((label, method, minutes, images_per_second(model, cfg.image_size), cfg))
     print(f"{label} done")
 
 # %% [markdown]
@@ -169,7 +159,7 @@ for label, method, overrides in (("AnomalyCLIP", "anomalyclip", {}),
 
 # %%
 rows = []
-for label, method, minutes, fps, settings in measured:
+for label, method, minutes, fps, run in measured:
     metric_rows = pd.DataFrame(
         [dict(dataset=test_set, class_name="all", level="efficiency", metric="FPS", value=fps,
               note=f"{machine}; batch {fps_batch_size}; {len(test_samples)} images")]
@@ -177,9 +167,8 @@ for label, method, minutes, fps, settings in measured:
                  value=minutes, note=f"{machine}; {len(train_samples)} images timed, scaled to {epoch_size}")]
            if minutes is not None else [])
     )
-    provenance = Provenance(method=method, backbone=settings["backbone"], weights=settings["pretrained"] or "random",
-                            image_size=settings["image_size"], train_set=train_set if minutes is not None else "none",
-                            profile=cfg.profile, seed=cfg.seed)
+    provenance = run.provenance(method, train_set=train_set if minutes is not None else "none",
+                                train_seed=cfg.train_seed if minutes is not None else None)
     rows.append(tidy(metric_rows, provenance).assign(variant=label))
 results = pd.concat(rows, ignore_index=True)
 write_results(results, output / "table8.csv")

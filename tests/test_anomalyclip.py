@@ -15,8 +15,8 @@ from zsadkit.methods.anomalyclip import (
     AnomalyCLIP,
     AnomalyCLIPConfig,
     build_anomalyclip,
-    default_config,
     import_official_prompt_learner,
+    reference_config,
 )
 from zsadkit.methods.base import build_method
 from zsadkit.models import load_clip
@@ -32,12 +32,12 @@ def fixture_clip_state() -> dict[str, torch.Tensor]:
 def fixture_model(state: dict[str, torch.Tensor], **overrides) -> AnomalyCLIP:
     """The fixture's tiny CLIP with the fixture's configuration (DPAM from layer 2, features [4], depth 3)."""
     clip = load_clip(state_dict=state, image_size=112)
-    return AnomalyCLIP(clip, default_config("zsad-tiny", **overrides)).eval()
+    return AnomalyCLIP(clip, reference_config(clip, **overrides)).eval()
 
 
 @pytest.fixture(scope="module")
 def tiny() -> AnomalyCLIP:
-    return build_anomalyclip("zsad-tiny", "", 112, seed=3)
+    return build_anomalyclip("zsad-tiny", "", 112, backbone_seed=3, train_seed=3)
 
 
 def test_default_configuration_is_the_released_reference_setting() -> None:
@@ -70,7 +70,7 @@ def test_official_checkpoint_made_for_another_abnormal_word_is_rejected(fixture_
 
 def test_safetensors_checkpoint_round_trip_restores_prompts_and_config(tiny: AnomalyCLIP, tmp_path: Path) -> None:
     path = tiny.save_prompts(tmp_path / "prompts.safetensors")
-    other = build_anomalyclip("zsad-tiny", "", 112, seed=3)
+    other = build_anomalyclip("zsad-tiny", "", 112, backbone_seed=3, train_seed=3)
     with torch.no_grad():
         other.prompt_learner.contexts.add_(1.0)
     other.load_prompts(path)
@@ -110,17 +110,27 @@ def test_saved_prompts_load_into_a_model_differing_only_in_scoring_settings(tiny
         assert torch.equal(other.trainable_parameters()[name], value)
 
 
-def test_prediction_follows_prompts_changed_in_place() -> None:
-    model = build_anomalyclip("zsad-tiny", "", 112, seed=7)
+def test_test_time_text_features_are_refreshed_explicitly_after_in_place_prompt_changes() -> None:
+    model = build_anomalyclip("zsad-tiny", "", 112, backbone_seed=7, train_seed=7)
     images = torch.randn(2, 3, 112, 112, generator=torch.Generator().manual_seed(0))
     before = model.predict(images, ["a", "b"])
     with torch.no_grad():
         model.prompt_learner.contexts[1, :, 0].add_(0.5)  # one coordinate: a uniform shift is undone by LayerNorm
+    assert torch.equal(model.predict(images, ["a", "b"]).image_scores, before.image_scores)  # cached until refreshed
+    model.refresh_text_features()
     expected = model.score(model.encode_image(images), model.text_for_images(["a", "b"]).detach())
     after = model.predict(images, ["a", "b"])
     assert not torch.allclose(after.image_scores, before.image_scores)
     assert torch.equal(after.image_scores, expected.image_scores)
+    # Loading prompts (either way), a mode switch or a device/dtype move refresh them without being asked.
     model.prompt_learner.load_state_dict({k: v * 1.5 for k, v in model.prompt_learner.state_dict().items()})
+    scaled = model.predict(images, ["a", "b"])
+    assert not torch.allclose(scaled.image_scores, after.image_scores)
+    model.load_prompt_state({k: v / 1.5 for k, v in model.trainable_parameters().items()})
+    assert torch.allclose(model.predict(images, ["a", "b"]).image_scores, after.image_scores, atol=1e-6)
+    with torch.no_grad():
+        model.prompt_learner.contexts[1, :, 0].add_(0.5)
+    model.train().eval()
     assert not torch.allclose(model.predict(images, ["a", "b"]).image_scores, after.image_scores)
 
 
@@ -178,7 +188,7 @@ def test_without_dpam_the_local_tokens_are_plain_clip_tokens(fixture_clip_state)
 
 
 def test_object_aware_prompts_give_each_image_the_text_of_its_class(tiny: AnomalyCLIP) -> None:
-    model = build_anomalyclip("zsad-tiny", "", 112, seed=3, object_agnostic=False)
+    model = build_anomalyclip("zsad-tiny", "", 112, backbone_seed=3, train_seed=3, object_agnostic=False)
     with torch.no_grad():
         per_image = model.text_for_images(["pill", "screw", "pill"])
         by_class = model.encode_text(["pill", "screw"])

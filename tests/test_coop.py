@@ -1,23 +1,25 @@
 """CoOp for ZSAD: "[V1..VN] normal [cls]" / "[V1..VN] anomalous [cls]", scored and trained like AnomalyCLIP."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from zsadkit.engine import evaluate
 from zsadkit.experiment import RunConfig, load_split
-from zsadkit.methods.anomalyclip import fit
 from zsadkit.methods.base import build_method
-from zsadkit.methods.coop import CoOpConfig, coop_config
+from zsadkit.methods.coop import CoOpConfig
 from zsadkit.models import tokenize
-from zsadkit.training import TrainConfig
+from zsadkit.recipes.coop import OPTIMIZERS, fit, train_config
+from zsadkit.training import TrainConfig, learning_rate
 
 SIZE = 64
 
 
 @pytest.fixture(scope="module")
 def coop():
-    return build_method("coop", backbone="zsad-tiny", image_size=SIZE, seed=2)
+    return build_method("coop", backbone="zsad-tiny", image_size=SIZE, backbone_seed=2, train_seed=2)
 
 
 def test_prompts_are_sixteen_context_words_then_state_word_then_class(coop):
@@ -43,8 +45,6 @@ def test_one_context_is_shared_by_both_prompts_and_is_the_only_trainable_tensor(
 def test_no_dpam_and_four_layers_as_configured(coop):
     assert coop.config.dpam_first_layer is None and coop.attention_variants == [None]
     assert coop.config.feature_layers == (1, 2, 3, 4)
-    assert coop_config("ViT-L-14-336").feature_layers == (6, 12, 18, 24)
-    assert coop_config("ViT-B-16-plus-240").feature_layers == (3, 6, 9, 12)
 
 
 def test_image_score_is_eq1_with_tau_007_on_the_global_embedding_without_ln_post(coop):
@@ -79,3 +79,18 @@ def test_unknown_options_are_rejected():
     with pytest.raises(TypeError, match="unknown options"):
         build_method("coop", backbone="zsad-tiny", image_size=SIZE, n_context=4)
     assert CoOpConfig().shared_context and not CoOpConfig().object_agnostic
+
+
+def test_default_training_is_coops_sgd_with_warmup_and_cosine_and_adam_is_a_named_option():
+    config = train_config()
+    assert (config.optimizer, config.lr, config.momentum, config.weight_decay) == ("sgd", 0.002, 0.9, 5e-4)
+    assert (config.schedule, config.warmup_epochs, config.warmup_lr, config.batch_size) == ("cosine", 1, 1e-5, 32)
+    # Dassl's ConstantWarmupScheduler + CosineAnnealingLR(T_max=15): 1e-5, then 0.002·½(1 + cos(π(e − 1)/15)).
+    assert learning_rate(config, 0, 0) == 1e-5
+    assert learning_rate(config, 1, 99) == pytest.approx(0.002)
+    assert learning_rate(config, 6, 0) == pytest.approx(0.001 * (1 + math.cos(math.pi * 5 / 15)))
+    adam = train_config("anomalyclip", epochs=3)
+    assert (adam.optimizer, adam.lr, adam.betas, adam.batch_size, adam.epochs) == ("adam", 1e-3, (0.5, 0.999), 8, 3)
+    assert set(OPTIMIZERS) == {"coop", "anomalyclip"}
+    with pytest.raises(KeyError, match="coop"):
+        train_config("adamw")

@@ -28,12 +28,12 @@ def test_backbone_from_a_weights_file_has_the_file_weights(tmp_path: Path) -> No
     reference = load_clip("zsad-tiny", image_size=64, seed=3)
     path = tmp_path / "tiny.safetensors"
     save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, str(path))
-    cfg = RunConfig(backbone="zsad-tiny", pretrained=str(path), image_size=64, seed=0)
+    cfg = RunConfig(backbone="zsad-tiny", pretrained=str(path), image_size=64, backbone_seed=0)
     loaded = cfg.load_backbone()
     assert loaded.zsad_source.checkpoint == str(path) and not loaded.zsad_source.random_init
     for name, value in reference.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], value), name
-    different_seed = RunConfig(backbone="zsad-tiny", image_size=64, seed=0).load_backbone()
+    different_seed = RunConfig(backbone="zsad-tiny", image_size=64, backbone_seed=0).load_backbone()
     assert not torch.equal(different_seed.visual.proj, reference.visual.proj)
 
 
@@ -49,3 +49,35 @@ def test_smoke_datasets_are_the_synthetic_aux_and_target_groups() -> None:
     assert {s.label for s in target} == {0, 1}
     with pytest.raises(KeyError, match="only the synthetic datasets"):
         load_split(cfg, "mvtec")
+
+
+def test_a_notebook_namespace_maps_onto_the_run_fields_and_ignores_the_rest() -> None:
+    namespace = {"profile": "smoke", "image_size": 64, "backbone_seed": 3, "train_seed": 9, "epochs": 2,
+                 "methods": ["clip"], "torch": torch}
+    cfg = RunConfig.from_parameters(namespace)
+    assert (cfg.image_size, cfg.backbone_seed, cfg.train_seed, cfg.backbone) == (64, 3, 9, "zsad-tiny")
+    assert cfg.out_dir.endswith("results/smoke")
+
+
+def test_provenance_records_the_two_seeds_separately() -> None:
+    cfg = RunConfig(image_size=64, backbone_seed=3, train_seed=9)
+    trained = cfg.provenance("coop", train_set="synth-aux", train_seed=cfg.train_seed, checkpoint=Path("c.st"))
+    assert (trained.backbone_seed, trained.train_seed, trained.checkpoint, trained.weights) == (3, 9, "c.st", "random")
+    assert cfg.provenance("clip").train_seed is None  # a method that draws nothing has no train seed
+    winclip = cfg.with_backbone("zsad-tiny", None, 80).provenance("winclip")
+    assert (winclip.image_size, winclip.backbone) == (80, "zsad-tiny")
+
+
+def test_every_method_of_a_run_is_built_on_the_same_random_backbone() -> None:
+    cfg = RunConfig(image_size=64, backbone_seed=0, train_seed=111)
+    backbones = {name: cfg.build(name) for name in ("clip", "vand", "coop", "anomalyclip")}
+    reference = backbones["clip"].clip.state_dict()
+    for name in ("vand", "coop", "anomalyclip"):
+        model = backbones[name]
+        clip = model.clip if name == "vand" else model.text.clip
+        for key, value in reference.items():
+            assert torch.equal(clip.state_dict()[key], value), (name, key)
+    # the train seed initialises CoOp's contexts, not its backbone (the smoke rows used to say seed=0 while CoOp's
+    # backbone was drawn with the train seed)
+    assert not torch.equal(cfg.build("coop", train_seed=5).trainable_parameters()["contexts"],
+                           backbones["coop"].trainable_parameters()["contexts"])

@@ -9,8 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from zsadkit.data.records import Sample
-from zsadkit.feature_cache import FeatureCache, module_fingerprint, samples_fingerprint
+from zsadkit.data.records import Sample, samples_fingerprint
+from zsadkit.feature_cache import FeatureCache
+from zsadkit.models import module_fingerprint
 
 
 @pytest.fixture

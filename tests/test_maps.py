@@ -14,6 +14,7 @@ from zsadkit.maps import (
     gaussian_kernel1d,
     gaussian_smooth,
     patch_text_probabilities,
+    state_maps,
     upsample_token_probabilities,
 )
 
@@ -76,3 +77,19 @@ def test_layer_map_equals_abnormal_probability_and_layers_are_summed() -> None:
     assert torch.allclose(fuse_layer_maps(layer_maps, "mean"), abnormal.mean(0), atol=1e-6)
     with pytest.raises(ValueError, match="'sum' or 'mean'"):
         fuse_layer_maps(layer_maps, "max")
+
+
+def test_state_maps_in_both_orders_equal_their_explicit_computation() -> None:
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.nn.functional.normalize(torch.randn(2, 17, 8, generator=generator), dim=-1)  # CLS + 4x4
+    text = torch.nn.functional.normalize(torch.randn(2, 2, 8, generator=generator), dim=-1)
+    logits = tokens[:, 1:] @ text.transpose(1, 2) / 0.07
+    grid = logits.transpose(1, 2).reshape(2, 2, 4, 4)
+    anomalyclip = torch.nn.functional.interpolate(grid.softmax(dim=1), size=16, mode="bilinear", align_corners=False)
+    vand = torch.nn.functional.interpolate(grid, size=16, mode="bilinear", align_corners=True).softmax(dim=1)
+    assert torch.allclose(state_maps(tokens, text, 0.07, 16).permute(0, 3, 1, 2), anomalyclip, atol=1e-6)
+    ours = state_maps(tokens, text, 0.07, 16, order="upsample_then_softmax", align_corners=True)
+    assert torch.allclose(ours.permute(0, 3, 1, 2), vand, atol=1e-6)
+    assert not torch.allclose(ours.permute(0, 3, 1, 2), anomalyclip, atol=1e-3)  # the two orders differ
+    with pytest.raises(ValueError, match="order must be"):
+        state_maps(tokens, text, 0.07, 16, order="softmax")

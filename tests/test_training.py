@@ -1,8 +1,9 @@
-"""The generic trainer: Adam steps, per-epoch safetensors checkpoints with optimiser state, exact resume."""
+"""The one trainer: optimisers and schedules, per-epoch safetensors checkpoints with optimiser state, exact resume."""
 
 from __future__ import annotations
 
 import csv
+import math
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from zsadkit.training import CheckpointMismatchError, TrainConfig, latest_checkpoint, train
+from zsadkit.training import CheckpointMismatchError, TrainConfig, latest_checkpoint, learning_rate, train
 
 
 def regression_problem(seed: int = 0) -> tuple[list[dict], dict[str, torch.nn.Parameter]]:
@@ -61,8 +62,8 @@ def test_checkpoints_hold_parameters_and_adam_state_per_epoch(tmp_path: Path) ->
     assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == ["epoch_001.safetensors", "epoch_002.safetensors"]
     tensors = load_file(str(tmp_path / "epoch_002.safetensors"))
     assert torch.equal(tensors["param/weight"], parameters["weight"].detach())
-    assert {"adam/weight/exp_avg", "adam/weight/exp_avg_sq", "adam/weight/step"} <= set(tensors)
-    assert float(tensors["adam/weight/step"]) == 8  # 2 epochs x 4 batches
+    assert {"optim/weight/exp_avg", "optim/weight/exp_avg_sq", "optim/weight/step"} <= set(tensors)
+    assert float(tensors["optim/weight/step"]) == 8  # 2 epochs x 4 batches
 
 
 def test_resuming_after_an_interruption_gives_the_uninterrupted_result(tmp_path: Path) -> None:
@@ -140,3 +141,85 @@ def test_a_checkpoint_without_a_fingerprint_is_not_resumed(tmp_path: Path) -> No
     save_file(load_file(str(path)), str(path), metadata=metadata)
     with pytest.raises(CheckpointMismatchError, match="no training fingerprint"):
         train(parameters, data, mse_step(parameters), TrainConfig(epochs=2, checkpoint_dir=str(tmp_path)))
+
+
+def torch_reference_run(config: TrainConfig, data: list[dict], scheduler_factory) -> dict[str, torch.Tensor]:
+    """The same run written with torch's optimiser and scheduler classes (one shuffling generator per epoch)."""
+    _, parameters = regression_problem()
+    if config.optimizer == "sgd":
+        optimizer = torch.optim.SGD(parameters.values(), lr=config.lr, momentum=config.momentum,
+                                    weight_decay=config.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(parameters.values(), lr=config.lr, betas=config.betas,
+                                      weight_decay=config.weight_decay)
+    scheduler = scheduler_factory(optimizer)
+    step = mse_step(parameters)
+    for epoch in range(1, config.epochs + 1):
+        generator = torch.Generator().manual_seed(config.seed + epoch)
+        for batch in torch.utils.data.DataLoader(data, batch_size=config.batch_size, shuffle=True, generator=generator):
+            optimizer.zero_grad()
+            step(batch)["loss"].backward()
+            optimizer.step()
+            if config.schedule_unit == "iteration":
+                scheduler.step()
+        if config.schedule_unit == "epoch":
+            scheduler.step()
+    return parameters
+
+
+def test_sgd_with_multistep_per_iteration_equals_torch_multisteplr() -> None:
+    data, parameters = regression_problem()
+    config = TrainConfig(epochs=3, batch_size=5, lr=0.05, optimizer="sgd", momentum=0.9, weight_decay=1e-3,
+                         schedule="multistep", schedule_unit="iteration", milestones=(3, 7), gamma=0.5)
+    train(parameters, data, mse_step(parameters), config)
+    expected = torch_reference_run(config, data, lambda optimizer: torch.optim.lr_scheduler.MultiStepLR(
+        optimizer, milestones=[3, 7], gamma=0.5))
+    for name in parameters:
+        assert torch.allclose(parameters[name], expected[name], atol=1e-6), name
+
+
+def test_adamw_with_cosine_per_epoch_equals_torch_cosineannealinglr() -> None:
+    data, parameters = regression_problem()
+    config = TrainConfig(epochs=4, batch_size=10, lr=0.05, optimizer="adamw", weight_decay=0.01, schedule="cosine")
+    train(parameters, data, mse_step(parameters), config)
+    expected = torch_reference_run(config, data, lambda optimizer: torch.optim.lr_scheduler.CosineAnnealingLR(
+        optimizer, T_max=4))
+    for name in parameters:
+        assert torch.allclose(parameters[name], expected[name], atol=1e-6), name
+
+
+def test_learning_rate_of_warmup_then_cosine_and_of_multistep() -> None:
+    config = TrainConfig(epochs=10, lr=0.1, schedule="cosine", warmup_epochs=2, warmup_lr=1e-4)
+    assert [learning_rate(config, epoch, 0) for epoch in (0, 1)] == [1e-4, 1e-4]
+    assert learning_rate(config, 2, 0) == pytest.approx(0.1)  # the cosine starts after the warm-up
+    assert learning_rate(config, 7, 0) == pytest.approx(0.05 * (1 + math.cos(math.pi * 5 / 10)))
+    steps = TrainConfig(lr=1.0, schedule="multistep", milestones=(2, 4), gamma=0.1, schedule_unit="iteration")
+    assert [learning_rate(steps, 0, i) for i in range(6)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        TrainConfig(optimizer="rmsprop")
+
+
+def test_resumed_sgd_run_with_a_continuous_shuffling_stream_equals_the_uninterrupted_run(tmp_path: Path) -> None:
+    base = dict(batch_size=6, lr=0.05, optimizer="sgd", schedule="multistep", milestones=(5,),
+                schedule_unit="iteration", shuffle_stream="continuous")
+    data, straight = regression_problem()
+    train(straight, data, mse_step(straight), TrainConfig(epochs=4, **base))
+    data, first = regression_problem()
+    train(first, data, mse_step(first), TrainConfig(epochs=2, checkpoint_dir=str(tmp_path), **base))
+    data, resumed = regression_problem()
+    result = train(resumed, data, mse_step(resumed), TrainConfig(epochs=4, checkpoint_dir=str(tmp_path), **base))
+    assert result.resumed_from == 2
+    for name in straight:
+        assert torch.equal(resumed[name], straight[name]), name
+    one_stream = torch.Generator().manual_seed(111)  # the continuous stream is one generator seeded once
+    orders = [[int(i) for batch in torch.utils.data.DataLoader(range(20), batch_size=6, shuffle=True,
+                                                              generator=one_stream) for i in batch]
+              for _ in range(2)]
+    assert orders[0] != orders[1]
+
+
+def test_the_epoch_hook_runs_before_each_epoch_with_its_number() -> None:
+    data, parameters = regression_problem()
+    calls = []
+    train(parameters, data, mse_step(parameters), TrainConfig(epochs=3, batch_size=10), on_epoch_start=calls.append)
+    assert calls == [1, 2, 3]

@@ -12,16 +12,14 @@ from zsadkit.engine import evaluate
 from zsadkit.experiment import RunConfig, load_split
 from zsadkit.methods.base import build_method
 from zsadkit.methods.vand import (
-    MosaicDataset,
     Vand,
     VandConfig,
+    VandOutput,
     VandProjections,
-    VandTrainingConfig,
     reference_few_shot_image_scores,
-    train_vand,
-    vand_loss,
 )
 from zsadkit.models import load_clip
+from zsadkit.recipes.vand import MosaicDataset, VandTrainingConfig, train_vand
 
 SIZE = 64
 TINY_LAYERS = (1, 2, 3, 4)
@@ -40,13 +38,13 @@ def vand(clip):
 
 def test_projections_have_one_linear_with_bias_per_layer_vit_l_count():
     # ViT-L/14@336: W = 1024, D = 768, layers 6/12/18/24 → 4 × (1024·768 + 768).
-    assert VandProjections(1024, 768, 4).trainable_parameters() == 4 * (1024 * 768 + 768) == 3_148_800
+    assert VandProjections(1024, 768, 4).num_parameters() == 4 * (1024 * 768 + 768) == 3_148_800
 
 
 def test_only_the_projections_are_trainable(vand):
     trainable = {name for name, p in vand.named_parameters() if p.requires_grad}
     assert trainable == {f"projections.fc.{i}.{kind}" for i in range(4) for kind in ("weight", "bias")}
-    assert vand.projections.trainable_parameters() == 4 * (128 * 32 + 32)
+    assert vand.projections.num_parameters() == 4 * (128 * 32 + 32)
 
 
 def test_layer_map_upsamples_logits_with_align_corners_then_softmaxes(vand):
@@ -88,7 +86,7 @@ def test_reference_class_names_keep_underscores(vand):
     assert sentences[0] == "a bad photo of a damaged metal_nut."
 
 
-def test_loss_is_focal_plus_dice_of_the_anomalous_channel_per_layer():
+def test_loss_is_focal_plus_dice_of_the_anomalous_channel_per_layer(vand):
     probs = torch.rand(2, 1, 8, 8)
     maps = [torch.cat([1 - probs, probs], dim=1)] * 2
     mask = (torch.rand(2, 8, 8) > 0.7).float()
@@ -97,7 +95,8 @@ def test_loss_is_focal_plus_dice_of_the_anomalous_channel_per_layer():
     p_t = (target * maps[0]).sum(dim=1) + eps
     focal = (-(1 - p_t) ** 2 * p_t.log()).mean()
     dice = 1 - ((2 * (probs[:, 0] * mask).sum((1, 2)) + 1) / (probs[:, 0].sum((1, 2)) + mask.sum((1, 2)) + 1)).mean()
-    assert torch.allclose(vand_loss(maps, mask), 2 * (focal + dice), atol=1e-6)
+    output = VandOutput(torch.zeros(2, 4), (), [], maps, torch.zeros(2))
+    assert torch.allclose(vand.losses(output, mask), 2 * (focal + dice), atol=1e-6)
 
 
 def test_few_shot_memory_adds_a_zero_distance_map_for_a_reference_image(vand):
@@ -191,8 +190,16 @@ def test_vand_trains_on_synthetic_aux_and_evaluates_on_synthetic_target(tmp_path
     model = build_method("vand", backbone="zsad-tiny", image_size=SIZE, layers=TINY_LAYERS)
     before = [p.detach().clone() for p in model.projections.parameters()]
     aux = [s for s in load_split(cfg, "synth-aux") if s.class_name in ("fabric", "washer")]
-    losses = train_vand(model, aux, VandTrainingConfig(epochs=2, batch_size=16), progress=False)
+    result = train_vand(model, aux, VandTrainingConfig(epochs=2, batch_size=16,
+                                                       checkpoint_dir=str(tmp_path / "ckpt")))
+    losses = [row["loss"] for row in result.log]
     assert len(losses) == 2 and losses[1] < losses[0]
+    assert [path.name for path in result.checkpoints] == ["epoch_001.safetensors", "epoch_002.safetensors"]
+    resumed = build_method("vand", backbone="zsad-tiny", image_size=SIZE, layers=TINY_LAYERS)
+    again = train_vand(resumed, aux, VandTrainingConfig(epochs=2, batch_size=16, checkpoint_dir=str(tmp_path / "ckpt")))
+    assert again.resumed_from == 2 and not again.checkpoints  # the shared trainer's resume
+    for name, value in model.trainable_parameters().items():
+        assert torch.equal(resumed.trainable_parameters()[name], value)
     assert any(not torch.equal(a, b) for a, b in zip(before, model.projections.parameters(), strict=True))
     target = [s for s in load_split(cfg, "synth-target") if s.class_name in ("planks", "coin")]
     rows = evaluate(model, target, dataset="synth-target", image_size=SIZE, batch_size=20, pro=None,

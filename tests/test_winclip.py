@@ -4,15 +4,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from zsadkit.engine import evaluate_few_shot, sample_references
 from zsadkit.experiment import RunConfig, load_split
 from zsadkit.methods.base import build_method
 from zsadkit.methods.winclip import (
     WinClip,
     WinClipConfig,
-    evaluate_few_shot,
     harmonic_aggregation,
     harmonic_mean,
-    sample_references,
     visual_association,
     window_count,
 )

@@ -1,5 +1,11 @@
 """The run configuration every notebook's `parameters` cell maps onto, and the datasets of each profile.
 
+A notebook declares the `RunConfig` fields it uses as parameters (plus its own), then:
+
+    cfg = RunConfig.from_parameters(globals())        # the run fields of the parameters cell, nothing copied by hand
+    model = cfg.build("anomalyclip")                   # every method through the registry, one RNG behaviour
+    rows = tidy(metrics, cfg.provenance("anomalyclip", train_set="visa", train_seed=cfg.train_seed))
+
 Profiles:
     smoke: the embedded offline default. A tiny random-initialised CLIP (`zsad-tiny`) on the synthetic
         MVTec-layout data (`synth-aux` for training, `synth-target` for zero-shot testing). Numbers check the
@@ -7,28 +13,38 @@ Profiles:
     paper: the papers' setting. Pretrained ViT-L-14-336 (open_clip `openai` weights) at 518 px on the real
         datasets under `data_root` (prepared with `zsadkit data prepare`), on a GPU.
 
+Seeds: `backbone_seed` draws random backbone weights (smoke profile; ignored for pretrained weights);
+`train_seed` is the seed of what a method learns or draws: the initialisation of its prompts, projections or
+adapters, its training data order, its few-shot reference sets. The synthetic data have their own fixed seed
+(`zsadkit.data.synthetic.SyntheticConfig.seed`).
+
 Example:
-    >>> cfg = RunConfig(profile="smoke")
-    >>> cfg.weights_label
-    'random'
+    >>> cfg = RunConfig.from_parameters({"profile": "smoke", "image_size": 112, "epochs": 2})
+    >>> cfg.weights_label, cfg.image_size
+    ('random', 112)
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
+from typing import Any
 
-import torch
+from torch import nn
 
 from zsadkit.data.records import Sample
+from zsadkit.methods import Detector, build_method
+from zsadkit.models import load_backbone
+from zsadkit.paths import SMOKE_DATA_ROOT, results_dir
+from zsadkit.results import Provenance
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-SMOKE_DATA_ROOT = REPO_ROOT / "data" / "synthetic"
+__all__ = ["PROFILES", "RunConfig", "load_split"]
 
 PROFILES = ("smoke", "paper")
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunConfig:
     """Backbone, data and output settings shared by every notebook.
 
@@ -40,7 +56,8 @@ class RunConfig:
         data_root: root of prepared datasets; "" means the synthetic data under `data/synthetic`.
         out_dir: where result CSVs and figures go (`results/<profile>` by default).
         device: "cpu", "cuda", "cuda:1", ...
-        seed: random seed (weights of the tiny model, training, sampling).
+        backbone_seed: seed of random backbone weights.
+        train_seed: seed of a method's initialisation, data order and few-shot draws.
         batch_size: images per forward pass at test time.
     """
 
@@ -51,14 +68,27 @@ class RunConfig:
     data_root: str = ""
     out_dir: str = ""
     device: str = "cpu"
-    seed: int = 0
+    backbone_seed: int = 0
+    train_seed: int = 111
     batch_size: int = 8
 
     def __post_init__(self) -> None:
         if self.profile not in PROFILES:
             raise ValueError(f"profile must be one of {PROFILES}, got {self.profile!r}")
         if not self.out_dir:
-            self.out_dir = str(REPO_ROOT / "results" / self.profile)
+            object.__setattr__(self, "out_dir", str(results_dir(self.profile)))
+
+    @classmethod
+    def from_parameters(cls, namespace: Mapping[str, Any]) -> RunConfig:
+        """The run fields found in a notebook's namespace (`globals()` after the parameters cell); the notebook's
+        other parameters are ignored, absent fields keep their defaults."""
+        return cls(**{f.name: namespace[f.name] for f in fields(cls) if f.name in namespace})
+
+    def with_backbone(self, backbone: str = "", pretrained: str | None = None, image_size: int = 0) -> RunConfig:
+        """A copy on another backbone (e.g. WinCLIP's ViT-B-16-plus-240); empty arguments keep this run's."""
+        return replace(self, backbone=backbone or self.backbone,
+                       pretrained=self.pretrained if pretrained is None else pretrained,
+                       image_size=image_size or self.image_size)
 
     @property
     def weights_label(self) -> str:
@@ -71,11 +101,25 @@ class RunConfig:
         path.mkdir(parents=True, exist_ok=True)
         return path
 
-    def load_backbone(self) -> torch.nn.Module:
+    def load_backbone(self) -> nn.Module:
         """The CLIP of this run (`zsadkit.models.load_backbone`): `pretrained` is a tag, a weights file or ""."""
-        from zsadkit.models import load_backbone
+        return load_backbone(self.backbone, self.pretrained, self.image_size, self.device, self.backbone_seed)
 
-        return load_backbone(self.backbone, self.pretrained, self.image_size, self.device, self.seed)
+    def build(self, method: str, **options: Any) -> Detector:
+        """`zsadkit.methods.build_method` with this run's backbone, device and seeds; `options` are the method's
+        config fields, `checkpoint=`, `clip=` (a loaded backbone to reuse) or a `train_seed=` of its own."""
+        settings = {"backbone": self.backbone, "pretrained": self.pretrained, "image_size": self.image_size,
+                    "device": self.device, "backbone_seed": self.backbone_seed, "train_seed": self.train_seed}
+        return build_method(method, **{**settings, **options})
+
+    def provenance(
+        self, method: str, *, train_set: str = "none", shots: int = 0, checkpoint: str = "",
+        train_seed: int | None = None,
+    ) -> Provenance:
+        """What produced a result of `method` in this run; `train_seed` only for methods that learn or draw."""
+        return Provenance(method=method, backbone=self.backbone, weights=self.weights_label,
+                          image_size=self.image_size, train_set=train_set, profile=self.profile, shots=shots,
+                          backbone_seed=self.backbone_seed, train_seed=train_seed, checkpoint=str(checkpoint))
 
     def banner(self) -> str:
         """A line every notebook prints first, so no reader mistakes a smoke number for a result."""
@@ -97,7 +141,7 @@ def load_split(cfg: RunConfig, dataset: str, split: str = "test", protocol: str 
         from zsadkit.data.mvtec import read_mvtec
         from zsadkit.data.synthetic import SyntheticConfig, make_synthetic
 
-        roots = make_synthetic(SMOKE_DATA_ROOT, SyntheticConfig(seed=cfg.seed))
+        roots = make_synthetic(SMOKE_DATA_ROOT, SyntheticConfig())
         if dataset not in roots:
             raise KeyError(f"without data_root only the synthetic datasets {sorted(roots)} exist, not {dataset!r}")
         return read_mvtec(roots[dataset], dataset=dataset, splits=(split,))

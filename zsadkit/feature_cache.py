@@ -1,12 +1,13 @@
 """Frozen image-encoder outputs cached on disk (memory-mapped), so training epochs skip the image tower.
 
-AnomalyCLIP (and VAND, AA-CLIP's text stage, HeadCLIP) train a few parameters while the image encoder stays
+AnomalyCLIP (and AA-CLIP's text stage, HeadCLIP, InCTRL) train a few parameters while the image encoder stays
 frozen and the reference applies no augmentation, so every epoch would recompute identical image features
-(spec §10). `FeatureCache` computes them once per (backbone weights, image size, layers, attention, ...,
-samples) and stores one `.npy` per output plus the masks and labels; epochs then read memory-mapped rows.
+(AnomalyCLIP's `train.py` runs the frozen encoder on every batch of every epoch). `FeatureCache` computes them
+once per (backbone weights, image size, layers, attention, ..., samples) and stores one `.npy` per output plus the
+masks and labels; epochs then read memory-mapped rows. `cached_rows` does this for any `FeatureModel`.
 
 Staleness: the directory name is a hash of a key that includes a fingerprint of the backbone's weights
-(`module_fingerprint`), the caller's settings (layers, attention variants, token type, ...), the image size,
+(`zsadkit.models.module_fingerprint`), the caller's settings (layers, attention variants, token type, ...), the image size,
 the dtype and every sample's paths, label, size and modification time. A different key gives a different
 directory, so a stale cache is never reused. A cache is complete only once its `meta.json` is written (last);
 an interrupted build is rebuilt.
@@ -21,56 +22,25 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from zsadkit.data.records import Sample
-from zsadkit.experiment import REPO_ROOT
+from zsadkit.data.dataset import batches
+from zsadkit.data.records import Sample, samples_fingerprint
+from zsadkit.methods.base import FeatureModel
+from zsadkit.paths import default_cache_root
 
 CACHE_FORMAT = "zsadkit-feature-cache/1"
 META_FILE = "meta.json"
 EncodeFunction = Callable[[torch.Tensor], Mapping[str, torch.Tensor]]
 
-
-def default_cache_root() -> Path:
-    """`$ZSADKIT_CACHE/features`, else `<repo>/.cache/features` (ignored by git)."""
-    base = os.environ.get("ZSADKIT_CACHE")
-    return Path(base) / "features" if base else REPO_ROOT / ".cache" / "features"
-
-
-def module_fingerprint(module: nn.Module, samples_per_tensor: int = 1024) -> str:
-    """A cheap identity of a module's weights: names, shapes, float64 sums and a strided sample of each tensor.
-
-    Any realistic change of weights (another checkpoint, another seed, a resized position embedding) changes it.
-    """
-    digest = hashlib.sha256()
-    for name, tensor in module.state_dict().items():
-        flat = tensor.detach().reshape(-1)
-        stride = max(1, flat.numel() // samples_per_tensor)
-        sample = flat[::stride][:samples_per_tensor].to("cpu", torch.float64)
-        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}:{float(flat.double().sum())!r}".encode())
-        digest.update(sample.numpy().tobytes())
-    return digest.hexdigest()
-
-
-def samples_fingerprint(samples: Sequence[Sample]) -> str:
-    """Identity of a list of samples: paths, labels, classes, and each file's size and modification time."""
-    digest = hashlib.sha256()
-    for sample in samples:
-        digest.update(f"{sample.image}|{sample.mask}|{sample.label}|{sample.class_name}|".encode())
-        for path in (sample.image, sample.mask):
-            if path is not None:
-                status = Path(path).stat()
-                digest.update(f"{status.st_size}:{status.st_mtime_ns}|".encode())
-    return digest.hexdigest()
+__all__ = ["CachedFeatureDataset", "FeatureCache", "cached_rows"]
 
 
 class FeatureCache:
@@ -117,8 +87,6 @@ class FeatureCache:
             dtype: storage dtype of the encoder outputs (float32 keeps exact values; float16 halves the disk).
             progress: show a progress bar.
         """
-        from zsadkit.engine import batches
-
         if self.complete:
             return self
         if self.directory.exists():
@@ -129,7 +97,10 @@ class FeatureCache:
         masks = np.lib.format.open_memmap(self.directory / "mask.npy", "w+", np.uint8, (count, image_size, image_size))
         labels = np.zeros(count, dtype=np.int64)
         class_names: list[str] = [""] * count
-        for batch in tqdm(batches(samples, image_size, batch_size), desc="feature cache", disable=not progress):
+        loader = batches(samples, image_size, batch_size)
+        bar = tqdm(total=len(loader), desc="feature cache", disable=not progress)
+        for batch in loader:
+            bar.update()
             index = batch["index"].numpy()
             with torch.no_grad():
                 outputs = encode(batch["image"].to(device))
@@ -145,6 +116,7 @@ class FeatureCache:
             labels[index] = batch["label"].numpy()
             for row, name in zip(index, batch["class_name"], strict=True):
                 class_names[row] = name
+        bar.close()
         for array in (*arrays.values(), masks):
             array.flush()
         np.save(self.directory / "label.npy", labels)
@@ -183,3 +155,33 @@ class CachedFeatureDataset(Dataset):
         item["class_name"] = self.class_names[index]
         item["index"] = index
         return item
+
+
+def cached_rows(
+    model: FeatureModel,
+    samples: Sequence[Sample],
+    *,
+    name: str,
+    cache_root: str | Path | None = None,
+    dtype: str = "float32",
+    batch_size: int = 8,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+) -> CachedFeatureDataset:
+    """The rows of `model.encode_rows` for `samples`, computed once into the cache and memory-mapped.
+
+    Args:
+        model: a `FeatureModel`; its `feature_cache_key()` names what the rows depend on.
+        samples: records with absolute paths (the order defines the rows).
+        name: readable prefix of the cache directory (the method's name).
+        cache_root: parent folder of the caches (default `zsadkit.paths.default_cache_root()`).
+        dtype: storage dtype ("float32" exact, "float16" half the disk).
+        batch_size: images per encoder call.
+        device: where the encoder runs.
+        progress: show a progress bar.
+    """
+    key = {**model.feature_cache_key(), "dtype": dtype, "samples": samples_fingerprint(samples)}
+    cache = FeatureCache(cache_root or default_cache_root(), key, name=name)
+    cache.build(samples, model.encode_rows, model.image_size, batch_size=batch_size, device=device, dtype=dtype,
+                progress=progress)
+    return cache.dataset()

@@ -1,12 +1,16 @@
 """Anomaly maps from patch-text similarities: per-layer softmax, upsampling, fusion over layers, smoothing.
 
-The pipeline of AnomalyCLIP's `test.py` (spec §4), shared by VAND, AA-CLIP and HeadCLIP:
+The pipeline of AnomalyCLIP's `test.py` (zqhang/AnomalyCLIP @ 45ed4dd: `AnomalyCLIP_lib.get_similarity_map`,
+then `gaussian_filter(sigma=4)`), shared by CLIP/CLIP-AC, CoOp, VAND, AA-CLIP and HeadCLIP:
 
 1. `patch_text_probabilities`: P = softmax(⟨f_patch, g_state⟩ / τ) over the text states, per token.
 2. `upsample_token_probabilities`: drop CLS, reshape the G×G patch grid row-major, bilinear upsampling to S×S
    (`align_corners=False`).
 3. `anomaly_map_from_probabilities`: (P_abnormal + 1 − P_normal) / 2 per layer (≡ P_abnormal for 2 states).
 4. Sum over layers (not mean), then `gaussian_smooth` with σ = 4.
+
+`state_maps` runs steps 1–2 in either order: AnomalyCLIP's softmax then upsampling, or VAND's upsampling of the
+logits with `align_corners=True` then the softmax (VAND-APRIL-GAN @ f13b8a6, `test.py`).
 
 `gaussian_smooth` equals `scipy.ndimage.gaussian_filter(map, sigma)` per image (mode "reflect", i.e.
 half-sample symmetric, truncate 4 → radius int(4σ + 0.5)) but runs batched on the maps' device.
@@ -20,9 +24,25 @@ Example:
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
+
+__all__ = [
+    "ANOMALYCLIP_TEMPERATURE",
+    "CLIP_TEMPERATURE",
+    "anomaly_map_from_probabilities",
+    "fuse_layer_maps",
+    "gaussian_kernel1d",
+    "gaussian_smooth",
+    "patch_text_probabilities",
+    "state_maps",
+    "upsample_token_probabilities",
+]
+
+ANOMALYCLIP_TEMPERATURE = 0.07  # AnomalyCLIP's Eq. 1 in its code (cos / 0.07)
+CLIP_TEMPERATURE = 0.01  # CLIP's logit scale 100 (VAND, InCTRL, mala-lab WinCLIP)
 
 
 def patch_text_probabilities(
@@ -45,24 +65,55 @@ def patch_text_probabilities(
     return (logits / temperature).softmax(dim=-1)
 
 
-def upsample_token_probabilities(probs: torch.Tensor, image_size: int, has_cls: bool = True) -> torch.Tensor:
-    """Patch-grid probabilities upsampled to the image (reference `get_similarity_map`).
+def upsample_token_probabilities(
+    probs: torch.Tensor, image_size: int, has_cls: bool = True, align_corners: bool = False
+) -> torch.Tensor:
+    """Patch-grid values upsampled to the image (reference `get_similarity_map`).
 
     Args:
         probs: (B, N, K) per-token values; N = 1 + G² with a leading CLS row when `has_cls`, else G².
         image_size: output side S.
         has_cls: drop the first row first.
+        align_corners: bilinear `align_corners` (AnomalyCLIP False, VAND True).
 
     Returns:
-        (B, S, S, K), bilinear with `align_corners=False`.
+        (B, S, S, K), bilinear.
     """
     patch_probs = probs[:, 1:] if has_cls else probs
     side = math.isqrt(patch_probs.shape[1])
     if side * side != patch_probs.shape[1]:
         raise ValueError(f"upsample_token_probabilities: {patch_probs.shape[1]} patch tokens are not a square grid")
     grid = patch_probs.reshape(patch_probs.shape[0], side, side, -1).permute(0, 3, 1, 2)
-    upsampled = F.interpolate(grid, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    upsampled = F.interpolate(grid, size=(image_size, image_size), mode="bilinear", align_corners=align_corners)
     return upsampled.permute(0, 2, 3, 1)
+
+
+def state_maps(
+    tokens: torch.Tensor,
+    text_features: torch.Tensor,
+    temperature: float,
+    image_size: int,
+    *,
+    has_cls: bool = True,
+    order: Literal["softmax_then_upsample", "upsample_then_softmax"] = "softmax_then_upsample",
+    align_corners: bool = False,
+) -> torch.Tensor:
+    """Per-pixel state probabilities (B, S, S, K) of normalised tokens (B, N, D) against text (K or B×K, D).
+
+    `order="softmax_then_upsample"` is AnomalyCLIP's (softmax per token, then bilinear upsampling);
+    `"upsample_then_softmax"` is VAND's (logits upsampled, with `align_corners=True` in its code, then softmax).
+    """
+    if order == "softmax_then_upsample":
+        return upsample_token_probabilities(patch_text_probabilities(tokens, text_features, temperature),
+                                            image_size, has_cls, align_corners)
+    if order == "upsample_then_softmax":  # VAND's layout: (B, K, G, G) contiguous, softmax over dim 1
+        logits = tokens @ (text_features.t() if text_features.ndim == 2 else text_features.transpose(-1, -2))
+        logits = (logits[:, 1:] if has_cls else logits) / temperature
+        side = math.isqrt(logits.shape[1])
+        grid = logits.transpose(1, 2).reshape(logits.shape[0], logits.shape[2], side, side)
+        upsampled = F.interpolate(grid, size=(image_size, image_size), mode="bilinear", align_corners=align_corners)
+        return upsampled.softmax(dim=1).permute(0, 2, 3, 1)
+    raise ValueError(f"order must be 'softmax_then_upsample' or 'upsample_then_softmax', got {order!r}")
 
 
 def anomaly_map_from_probabilities(state_maps: torch.Tensor) -> torch.Tensor:

@@ -23,9 +23,10 @@ from pathlib import Path
 
 import yaml
 
-from zsadkit.experiment import PROFILES, REPO_ROOT
+from zsadkit.experiment import PROFILES
+from zsadkit.paths import REGISTRY_FILE, results_dir
 
-DEFAULT_REGISTRY = REPO_ROOT / "notebooks" / "registry.yaml"
+DEFAULT_REGISTRY = REGISTRY_FILE
 
 
 @dataclass
@@ -140,7 +141,7 @@ def reproduce(
         if unknown:
             raise ValueError(f"--only names unknown notebooks {sorted(unknown)}; known: {[e.name for e in entries]}")
         entries = [e for e in entries if e.name in only]
-    out_dir = Path(out_dir) if out_dir else REPO_ROOT / "results" / profile
+    out_dir = Path(out_dir) if out_dir else results_dir(profile)
     outcomes = []
     for index, entry in enumerate(entries, 1):
         parameters = notebook_parameters(entry, defaults, profile, out_dir, overrides or {})

@@ -22,13 +22,11 @@ from pathlib import Path
 import pandas as pd
 
 import zsadkit
-
-PACKAGE_ROOT = Path(zsadkit.__file__).resolve().parent
-PUBLISHED_DIR = PACKAGE_ROOT.parent / "results" / "published"
+from zsadkit.paths import PACKAGE_ROOT, PUBLISHED_DIR
 
 KEY_COLUMNS = ("method", "dataset", "class_name", "level", "metric")
 PROVENANCE_COLUMNS = (
-    "backbone", "weights", "image_size", "train_set", "shots", "seed", "checkpoint",
+    "backbone", "weights", "image_size", "train_set", "shots", "backbone_seed", "train_seed", "checkpoint",
     "profile", "zsadkit_version", "commit",
 )
 RESULT_COLUMNS = (*KEY_COLUMNS, "value", "note", *PROVENANCE_COLUMNS)
@@ -54,7 +52,9 @@ class Provenance:
     """What produced a result. `weights` is e.g. "openai" or "random" (never blank: say when weights are random).
 
     `train_set` is the auxiliary dataset a zero-shot method was trained on ("none" for training-free methods);
-    `shots` the number of normal reference images per class (0 = zero-shot).
+    `shots` the number of normal reference images per class (0 = zero-shot); `backbone_seed` the seed of random
+    backbone weights; `train_seed` the seed of what the method learned or drew (initialisation, data order,
+    few-shot references), None (an empty cell) for methods that draw nothing.
     """
 
     method: str
@@ -64,7 +64,8 @@ class Provenance:
     train_set: str
     profile: str
     shots: int = 0
-    seed: int = 0
+    backbone_seed: int = 0
+    train_seed: int | None = None
     checkpoint: str = ""
     zsadkit_version: str = zsadkit.__version__
     commit: str = field(default_factory=code_commit)
@@ -150,14 +151,14 @@ def published_rows(name: str, **filters: str) -> pd.DataFrame:
 
     Returns columns method (or variant), dataset, class_name ("mean" for dataset rows; per-class rows are
     written "<dataset> / <class>" in the source), level, metric (zsadkit names), published (percent), table,
-    setting. `filters` select on the source columns, e.g. `published_rows("anomalyclip_table1_table2",
+    setting, shots (K of a "K-shot" setting, else NaN). `filters` select on the source columns, e.g. `published_rows("anomalyclip_table1_table2",
     table="Table 1")`.
     """
     frame = load_published(name)
     for column, wanted in filters.items():
         frame = frame[frame[column] == wanted]
     split = frame["dataset"].str.split(" / ", n=1, expand=True)
-    class_name = split[1] if split.shape[1] > 1 else pd.Series(None, index=frame.index)
+    class_name = split[1] if split.shape[1] > 1 else pd.Series(None, index=frame.index, dtype=object)
     return pd.DataFrame(
         {
             "method": frame["method"] if "method" in frame else frame["variant"],
@@ -168,5 +169,6 @@ def published_rows(name: str, **filters: str) -> pd.DataFrame:
             "published": pd.to_numeric(frame["value"], errors="coerce"),
             "table": frame["table"],
             "setting": frame["setting"],
+            "shots": frame["setting"].str.extract(r"(\d+)-shot", expand=False).astype(float),
         }
     ).reset_index(drop=True)

@@ -1,15 +1,22 @@
-"""A small generic trainer for prompt/adapter learning: epochs of Adam steps, per-epoch checkpoints, resume.
+"""The one trainer of the kit: epochs of optimiser steps on a few parameters, per-epoch checkpoints, resume.
 
-The methods that learn a few parameters on an auxiliary dataset (AnomalyCLIP, VAND, AA-CLIP, HeadCLIP, CoOp)
-share this loop; each supplies its trainable parameters and a `step(batch) -> {"loss": ..., ...}` function.
+Every method that learns parameters on an auxiliary dataset (AnomalyCLIP, CoOp, VAND, AA-CLIP, InCTRL, HeadCLIP)
+trains through `train`; each supplies its trainable parameters and a `step(batch) -> {"loss": ..., ...}`
+function. `fit` is `train` for a `FeatureModel` (`zsadkit.methods.base`), with its frozen image features read
+from the feature cache.
 
-* Optimiser: `torch.optim.Adam(lr, betas)` without weight decay or scheduler (AnomalyCLIP: lr 1e-3,
-  betas (0.5, 0.999), 15 epochs, batch 8, seed 111).
-* Order: epoch e shuffles with a generator seeded by `seed + e`, so a run resumed after epoch k visits the same
-  batches as an uninterrupted run and ends with the same parameters (on CPU, bit for bit).
-* Checkpoints: `epoch_{e:03d}.safetensors` after every epoch, holding the parameters (`param/<name>`), the Adam
-  state (`adam/<name>/{exp_avg,exp_avg_sq,step}`) and, in the metadata, the epoch, the configuration, the
-  run's fingerprint and the loss log. Files are written to a temporary name and renamed, so a checkpoint that
+* Optimiser: `TrainConfig.optimizer` names it ("adam" default: AnomalyCLIP's lr 1e-3, betas (0.5, 0.999), 15
+  epochs, batch 8, seed 111; "adamw"; "sgd" with momentum), with weight decay. The learning rate follows
+  `TrainConfig.schedule` ("constant", "cosine" with an optional constant warm-up as CoOp's Dassl scheduler,
+  "multistep" as `MultiStepLR`), stepped per epoch or per iteration; it is a pure function of the step count, so
+  resuming needs no scheduler state.
+* Order: by default epoch e shuffles with a generator seeded by `seed + e`, so a run resumed after epoch k visits
+  the same batches as an uninterrupted run and ends with the same parameters (on CPU, bit for bit).
+  `shuffle_stream="continuous"` draws every epoch from one generator seeded once (the references' global RNG);
+  a resumed run replays the earlier epochs' draws (indices only) to reach the same state.
+* Checkpoints: `epoch_{e:03d}.safetensors` after every epoch, holding the parameters (`param/<name>`), the
+  optimiser state (`optim/<name>/<key>`, e.g. Adam's `exp_avg`, `exp_avg_sq`, `step`) and, in the metadata, the
+  epoch, the configuration, the run's fingerprint and the loss log. Files are written to a temporary name and renamed, so a checkpoint that
   exists is complete.
 * Fingerprint: what determines the trained parameters: the `TrainConfig` fields except those that do not
   (`RESULT_INDEPENDENT_FIELDS`: epochs, where checkpoints go, resume, workers) plus what the caller passes
@@ -20,6 +27,7 @@ share this loop; each supplies its trainable parameters and a `step(batch) -> {"
   `CheckpointMismatchError` naming the differing fields instead of silently returning its parameters; more
   epochs than the checkpoint's is allowed (training continues).
 * Log: per epoch the mean of every scalar the step returns, also written to `loss_log.csv`.
+* Hook: `on_epoch_start(epoch)` runs before each epoch's batches (e.g. VAND's per-epoch mosaic draws).
 
 Example:
     >>> weight = torch.nn.Parameter(torch.zeros(1))
@@ -34,6 +42,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import random
 import time
@@ -41,6 +50,7 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -49,6 +59,23 @@ from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
+
+from zsadkit.data.dataset import AnomalyDataset
+from zsadkit.data.records import Sample, samples_fingerprint
+from zsadkit.feature_cache import cached_rows
+from zsadkit.methods.base import FeatureModel
+
+__all__ = [
+    "CheckpointMismatchError",
+    "TrainConfig",
+    "TrainResult",
+    "fit",
+    "latest_checkpoint",
+    "learning_rate",
+    "load_checkpoint",
+    "seed_everything",
+    "train",
+]
 
 StepFunction = Callable[[dict], Mapping[str, torch.Tensor]]
 CHECKPOINT_PATTERN = "epoch_{epoch:03d}.safetensors"
@@ -68,10 +95,21 @@ class TrainConfig:
     Attributes:
         epochs: number of passes over the data.
         batch_size: samples per step.
-        lr: Adam learning rate.
-        betas: Adam betas.
-        seed: seeds torch, numpy and random at the start, and the per-epoch shuffling.
+        lr: base learning rate.
+        optimizer: "adam", "adamw" or "sgd".
+        betas: Adam/AdamW betas.
+        weight_decay: L2 penalty (Adam, SGD) or decoupled decay (AdamW).
+        momentum: SGD momentum.
+        schedule: "constant", "cosine" (cosine annealing to 0 over the epochs after the warm-up) or "multistep"
+            (lr × gamma^(number of milestones passed)).
+        schedule_unit: what the schedule counts: "epoch" or "iteration" (optimiser steps).
+        milestones: "multistep" milestones in `schedule_unit`s.
+        gamma: "multistep" decay factor.
+        warmup_epochs: epochs at the constant `warmup_lr` before the schedule starts (CoOp: 1 at 1e-5).
+        warmup_lr: learning rate of the warm-up epochs.
+        seed: seeds torch, numpy and random at the start, and the shuffling.
         shuffle: shuffle the samples every epoch (the references do).
+        shuffle_stream: "per_epoch" (generator seeded with seed + epoch) or "continuous" (one generator).
         checkpoint_dir: where `epoch_XXX.safetensors` and `loss_log.csv` go; "" = no checkpoints.
         resume: continue from the last complete checkpoint in `checkpoint_dir`.
         num_workers: DataLoader workers.
@@ -80,9 +118,19 @@ class TrainConfig:
     epochs: int = 15
     batch_size: int = 8
     lr: float = 1e-3
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     betas: tuple[float, float] = (0.5, 0.999)
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    schedule: Literal["constant", "cosine", "multistep"] = "constant"
+    schedule_unit: Literal["epoch", "iteration"] = "epoch"
+    milestones: tuple[int, ...] = ()
+    gamma: float = 0.1
+    warmup_epochs: int = 0
+    warmup_lr: float = 1e-5
     seed: int = 111
     shuffle: bool = True
+    shuffle_stream: Literal["per_epoch", "continuous"] = "per_epoch"
     checkpoint_dir: str = ""
     resume: bool = True
     num_workers: int = 0
@@ -90,6 +138,40 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError(f"TrainConfig: epochs >= 0, batch_size >= 1 and lr > 0 are required, got {self}")
+        choices = {"optimizer": ("adam", "adamw", "sgd"), "schedule": ("constant", "cosine", "multistep"),
+                   "schedule_unit": ("epoch", "iteration"), "shuffle_stream": ("per_epoch", "continuous")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"TrainConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        object.__setattr__(self, "betas", tuple(self.betas))
+        object.__setattr__(self, "milestones", tuple(int(m) for m in self.milestones))
+        if self.warmup_epochs < 0 or self.weight_decay < 0:
+            raise ValueError(f"TrainConfig: warmup_epochs and weight_decay must be >= 0, got {self}")
+
+
+def learning_rate(config: TrainConfig, epoch: int, iteration: int) -> float:
+    """The learning rate of an optimiser step in 0-indexed `epoch`, after `iteration` earlier steps of the run.
+
+    Equals what the torch schedulers give when stepped once per `schedule_unit`: "cosine" is
+    `CosineAnnealingLR(T_max=epochs)` shifted by the warm-up (Dassl's `ConstantWarmupScheduler`), "multistep" is
+    `MultiStepLR(milestones, gamma)`.
+    """
+    if epoch < config.warmup_epochs:
+        return config.warmup_lr
+    count = (epoch - config.warmup_epochs) if config.schedule_unit == "epoch" else iteration
+    if config.schedule == "cosine":
+        return 0.5 * config.lr * (1.0 + math.cos(math.pi * count / max(config.epochs, 1)))
+    if config.schedule == "multistep":
+        return config.lr * config.gamma ** sum(count >= milestone for milestone in config.milestones)
+    return config.lr
+
+
+def make_optimizer(config: TrainConfig, parameters: Sequence[nn.Parameter]) -> torch.optim.Optimizer:
+    """The optimiser `config.optimizer` names, over `parameters`."""
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(parameters, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    optimizer_class = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+    return optimizer_class(parameters, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
 
 
 @dataclass
@@ -179,14 +261,15 @@ def save_checkpoint(
     config: TrainConfig,
     fingerprint: Mapping[str, object] | None = None,
 ) -> Path:
-    """Write parameters, Adam state, the log and the run's fingerprint (default: `run_fingerprint(config)`)
+    """Write parameters, optimiser state, the log and the run's fingerprint (default: `run_fingerprint(config)`)
     atomically (temporary file, then rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {f"param/{name}": value.detach().cpu().contiguous() for name, value in parameters.items()}
     for name, value in parameters.items():
         for key, state in optimizer.state.get(value, {}).items():
-            tensors[f"adam/{name}/{key}"] = torch.as_tensor(state).detach().cpu().contiguous()
+            if state is not None:  # SGD's momentum buffer is None before the first step
+                tensors[f"optim/{name}/{key}"] = torch.as_tensor(state).detach().cpu().contiguous()
     metadata = {"epoch": str(epoch), "log": json.dumps(list(log)), "config": json.dumps(asdict(config)),
                 "fingerprint": json.dumps(fingerprint if fingerprint is not None else run_fingerprint(config),
                                           sort_keys=True)}
@@ -199,7 +282,7 @@ def save_checkpoint(
 def load_checkpoint(
     path: str | Path, parameters: Mapping[str, nn.Parameter], optimizer: torch.optim.Optimizer | None = None
 ) -> tuple[int, list[dict[str, float]]]:
-    """Restore parameters (and the Adam state) from `path`; returns (epoch, log).
+    """Restore parameters (and the optimiser state) from `path`; returns (epoch, log).
 
     Raises:
         ValueError: the checkpoint's parameter names or shapes differ from `parameters`.
@@ -218,7 +301,7 @@ def load_checkpoint(
             value.copy_(saved[name].to(value.device, value.dtype))
     if optimizer is not None:
         for name, value in parameters.items():
-            state = {key.rsplit("/", 1)[1]: tensor for key, tensor in tensors.items() if key.startswith(f"adam/{name}/")}
+            state = {key.rsplit("/", 1)[1]: tensor for key, tensor in tensors.items() if key.startswith(f"optim/{name}/")}
             if state:
                 optimizer.state[value] = {
                     key: tensor if key == "step" else tensor.to(value.device, value.dtype) for key, tensor in state.items()
@@ -237,6 +320,11 @@ def write_log(directory: str | Path, log: Sequence[Mapping[str, float]]) -> Path
     return path
 
 
+def _loader(dataset: Dataset, config: TrainConfig, generator: torch.Generator) -> DataLoader:
+    return DataLoader(dataset, batch_size=config.batch_size, shuffle=config.shuffle, generator=generator,
+                      num_workers=config.num_workers)
+
+
 def train(
     parameters: Mapping[str, nn.Parameter],
     dataset: Dataset,
@@ -244,9 +332,10 @@ def train(
     config: TrainConfig | None = None,
     *,
     fingerprint: Mapping[str, object] | None = None,
+    on_epoch_start: Callable[[int], None] | None = None,
     progress: bool = False,
 ) -> TrainResult:
-    """Run `config.epochs` epochs of Adam on `parameters`, minimising `step(batch)["loss"]`.
+    """Run `config.epochs` epochs of the configured optimiser on `parameters`, minimising `step(batch)["loss"]`.
 
     Args:
         parameters: the trainable tensors by (checkpoint) name; nothing else is optimised.
@@ -256,6 +345,7 @@ def train(
         config: `TrainConfig`.
         fingerprint: what else determines the result (e.g. {"config": method settings, "samples":
             `samples_fingerprint(samples)`}); stored in the checkpoints and compared on resume.
+        on_epoch_start: called with the 1-indexed epoch before its batches are drawn.
         progress: show a progress bar per epoch.
 
     Returns:
@@ -269,7 +359,7 @@ def train(
     named = dict(parameters)
     if not named:
         raise ValueError("train: no parameters to optimise")
-    optimizer = torch.optim.Adam(list(named.values()), lr=config.lr, betas=config.betas)
+    optimizer = make_optimizer(config, list(named.values()))
     result = TrainResult()
     start_epoch = 0
     run = run_fingerprint(config, fingerprint)
@@ -279,24 +369,39 @@ def train(
             check_fingerprint(last, run)
             start_epoch, result.log = load_checkpoint(last, named, optimizer)
             result.resumed_from = start_epoch
+    stream = torch.Generator().manual_seed(config.seed)
+    batches_per_epoch = len(_loader(dataset, config, stream))
+    for _ in range(start_epoch if config.shuffle_stream == "continuous" else 0):
+        for _ in _loader(range(len(dataset)), config, stream):  # replay the draws of the epochs resumed past
+            pass
+    iteration = start_epoch * batches_per_epoch
     for epoch in range(start_epoch + 1, config.epochs + 1):
         started = time.perf_counter()
-        generator = torch.Generator().manual_seed(config.seed + epoch)
-        loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=config.shuffle, generator=generator,
-                            num_workers=config.num_workers)
+        if on_epoch_start is not None:
+            on_epoch_start(epoch)
+        generator = stream if config.shuffle_stream == "continuous" else torch.Generator().manual_seed(config.seed + epoch)
         sums: dict[str, float] = {}
         batches = 0
-        for batch in tqdm(loader, desc=f"epoch {epoch}/{config.epochs}", disable=not progress, leave=False):
+        loader = _loader(dataset, config, generator)
+        # The bar is updated by hand: wrapping the loader in tqdm.auto would create an extra iterator, which draws
+        # from the shuffling generator and so would make the batch order depend on `progress`.
+        bar = tqdm(total=len(loader), desc=f"epoch {epoch}/{config.epochs}", disable=not progress, leave=False)
+        for batch in loader:
             outputs = step(batch)
             if "loss" not in outputs:
                 raise KeyError("train: the step function must return a dict with a 'loss' entry")
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(config, epoch - 1, iteration)
             optimizer.zero_grad(set_to_none=True)
             outputs["loss"].backward()
             optimizer.step()
             batches += 1
+            iteration += 1
+            bar.update()
             for key, value in outputs.items():
                 if torch.is_tensor(value) and value.numel() == 1:
                     sums[key] = sums.get(key, 0.0) + float(value.detach())
+        bar.close()
         row = {"epoch": epoch, "seconds": time.perf_counter() - started}
         row.update({key: total / max(batches, 1) for key, total in sums.items()})
         result.log.append(row)
@@ -306,4 +411,57 @@ def train(
                                 config, run)
             )
             write_log(config.checkpoint_dir, result.log)
+    return result
+
+
+def fit(
+    model: FeatureModel,
+    samples: Sequence[Sample],
+    config: TrainConfig | None = None,
+    *,
+    name: str,
+    use_cache: bool = True,
+    cache_root: str | Path | None = None,
+    cache_dtype: str = "float32",
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+) -> TrainResult:
+    """Train a `FeatureModel`'s parameters on auxiliary samples with `train`.
+
+    With `use_cache` the frozen part of the forward pass (`model.encode_rows`) is computed once into a
+    memory-mapped `FeatureCache`, so an epoch costs only what follows it; without it every step runs the image
+    encoder, as the references do.
+
+    Args:
+        model: the model to train (on `device`); set to train mode, then back to eval mode.
+        samples: training records with masks (normal images get zero masks).
+        config: `TrainConfig`.
+        name: the method's name (cache directory prefix, fingerprint).
+        use_cache: read the frozen features from the cache instead of recomputing them.
+        cache_root: parent folder of feature caches (default `zsadkit.paths.default_cache_root()`).
+        cache_dtype: storage dtype of cached features ("float32" exact, "float16" half the disk).
+        device: where the model runs.
+        progress: progress bars.
+
+    Raises:
+        CheckpointMismatchError: `config.checkpoint_dir` holds a run of another method configuration, training
+            setting, sample list or backbone (the checkpoints' fingerprint).
+    """
+    config = config or TrainConfig()
+    model.train()
+    if use_cache:
+        dataset = cached_rows(model, samples, name=name, cache_root=cache_root, dtype=cache_dtype,
+                              batch_size=config.batch_size, device=device, progress=progress)
+    else:
+        dataset = AnomalyDataset(list(samples), image_size=model.image_size)
+
+    def step(batch: dict) -> Mapping[str, torch.Tensor]:
+        if "image" in batch:
+            batch = {**batch, **model.encode_rows(batch["image"].to(device))}
+        return model.losses_from_rows(batch)
+
+    fingerprint = {"method": name, **model.fingerprint(), "samples": samples_fingerprint(samples),
+                   "image_features": f"cache {cache_dtype}" if use_cache and cache_dtype != "float32" else "float32"}
+    result = train(model.trainable_parameters(), dataset, step, config, fingerprint=fingerprint, progress=progress)
+    model.eval()
     return result

@@ -1,11 +1,18 @@
 """Data: sample records and manifests, the MVTec-layout reader, transforms, the torch dataset, and the
 synthetic datasets of the smoke profile."""
 
-from zsadkit.data.dataset import AnomalyDataset
+from zsadkit.data.dataset import AnomalyDataset, batches
 from zsadkit.data.errors import DataError, ImageReadError, LayoutError, MaskError
-from zsadkit.data.images import IMAGE_EXTENSIONS, read_image
+from zsadkit.data.images import IMAGE_EXTENSIONS, read_image, visible_entries
 from zsadkit.data.mvtec import read_mvtec
-from zsadkit.data.records import MANIFEST_COLUMNS, SPLITS, Sample, read_manifest, write_manifest
+from zsadkit.data.records import (
+    MANIFEST_COLUMNS,
+    SPLITS,
+    Sample,
+    read_manifest,
+    samples_fingerprint,
+    write_manifest,
+)
 from zsadkit.data.synthetic import (
     AUX_DATASET,
     DEFECTS,
@@ -27,6 +34,7 @@ __all__ = [
     "SPLITS",
     "SYNTHETIC_CLASSES",
     "AnomalyDataset",
+    "batches",
     "DataError",
     "ImageReadError",
     "LayoutError",
@@ -39,5 +47,7 @@ __all__ = [
     "read_image",
     "read_manifest",
     "read_mvtec",
+    "samples_fingerprint",
+    "visible_entries",
     "write_manifest",
 ]

@@ -1,4 +1,5 @@
-"""A torch `Dataset` over sample records: reads, checks and transforms each image and its mask.
+"""A torch `Dataset` over sample records: reads, checks and transforms each image and its mask; `batches` loads it
+in a fixed order.
 
 Example:
     >>> from zsadkit.data import AnomalyDataset, read_mvtec
@@ -14,12 +15,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from zsadkit.data.errors import MaskError
 from zsadkit.data.images import check_mask_matches_image, read_image
 from zsadkit.data.records import Sample
 from zsadkit.data.transforms import ImageTransform, MaskTransform, image_transform, mask_transform
+
+__all__ = ["AnomalyDataset", "batches"]
 
 
 class AnomalyDataset(Dataset):
@@ -108,3 +111,9 @@ class AnomalyDataset(Dataset):
     def classes(self) -> list[str]:
         """Class names in order of first appearance."""
         return list(dict.fromkeys(s.class_name for s in self.samples))
+
+
+def batches(samples: Sequence[Sample], image_size: int, batch_size: int = 8, num_workers: int = 0) -> DataLoader:
+    """A deterministic (unshuffled) loader of `AnomalyDataset` batches of `samples`."""
+    return DataLoader(AnomalyDataset(list(samples), image_size=image_size), batch_size=batch_size, shuffle=False,
+                      num_workers=num_workers)

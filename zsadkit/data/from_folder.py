@@ -20,7 +20,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from zsadkit.data.errors import LayoutError, MaskError
-from zsadkit.data.layouts import images_in, visible_entries
+from zsadkit.data.images import visible_entries
+from zsadkit.data.layouts import images_in
 from zsadkit.data.records import Sample, write_manifest
 
 NORMAL_DIR, ANOMALOUS_DIR, MASK_DIR = "good", "bad", "masks"

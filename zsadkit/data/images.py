@@ -19,6 +19,8 @@ from PIL import Image, ImageFile
 
 from zsadkit.data.errors import ImageReadError, MaskError
 
+__all__ = ["IMAGE_EXTENSIONS", "check_mask_matches_image", "is_image_file", "read_image", "visible_entries"]
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 _TRUNCATION_SETTING_LOCK = threading.Lock()
@@ -27,6 +29,11 @@ _TRUNCATION_SETTING_LOCK = threading.Lock()
 def is_image_file(path: str | Path) -> bool:
     """True when the file name has one of `IMAGE_EXTENSIONS` (case-insensitive)."""
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def visible_entries(folder: str | Path) -> list[Path]:
+    """Entries of a folder, sorted by name, without hidden files (names starting with ".")."""
+    return sorted(p for p in Path(folder).iterdir() if not p.name.startswith("."))
 
 
 def read_image(path: str | Path, what: str = "image") -> Image.Image:

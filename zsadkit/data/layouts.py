@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from zsadkit.data.errors import LayoutError, MaskError
-from zsadkit.data.images import is_image_file, read_image
+from zsadkit.data.images import is_image_file, read_image, visible_entries
 from zsadkit.data.mvtec import read_mvtec
 
 Box = tuple[int, int, int, int]
@@ -110,11 +110,6 @@ def run_converter(name: str, root: str | Path, params: dict[str, Any], dataset: 
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-
-
-def visible_entries(folder: Path) -> list[Path]:
-    """Entries of a folder, sorted, without hidden files (names starting with ".")."""
-    return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
 
 
 def images_in(folder: Path, what: str) -> list[Path]:

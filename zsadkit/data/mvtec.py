@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from zsadkit.data.errors import LayoutError, MaskError
-from zsadkit.data.images import is_image_file
+from zsadkit.data.images import is_image_file, visible_entries
 from zsadkit.data.records import SPLITS, Sample
 
 CLASS_MARKERS = ("train", "test", "ground_truth")
@@ -37,20 +37,16 @@ def _expected_layout(root: Path, normal_defect: str, mask_suffix: str) -> str:
     )
 
 
-def _visible_entries(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
-
-
 def _class_dirs(root: Path, classes: Sequence[str] | None, layout: str) -> list[Path]:
     if classes is not None:
         if isinstance(classes, str):
             raise TypeError(f"classes must be a sequence of class names, got the string {classes!r}")
         missing = [name for name in classes if not (root / name).is_dir()]
         if missing:
-            available = [p.name for p in _visible_entries(root) if p.is_dir()]
+            available = [p.name for p in visible_entries(root) if p.is_dir()]
             raise LayoutError(f"{root}: class folder(s) {missing} missing; available: {available}; {layout}")
         return [root / name for name in classes]
-    folders = [p for p in _visible_entries(root) if p.is_dir()]
+    folders = [p for p in visible_entries(root) if p.is_dir()]
     class_dirs = [p for p in folders if any((p / marker).is_dir() for marker in CLASS_MARKERS)]
     if class_dirs and len(class_dirs) < len(folders):
         strays = [p.name for p in folders if p not in class_dirs]
@@ -62,7 +58,7 @@ def _class_dirs(root: Path, classes: Sequence[str] | None, layout: str) -> list[
         hint = ""
         if any((root / marker).is_dir() for marker in CLASS_MARKERS):
             hint = f" ({root} looks like a single class folder: pass its parent as root)"
-        entries = [p.name for p in _visible_entries(root)][:10]
+        entries = [p.name for p in visible_entries(root)][:10]
         raise LayoutError(
             f"{root}: unknown layout, no class folder containing train/ or test/ found "
             f"(entries: {entries}){hint}; {layout}"
@@ -73,7 +69,7 @@ def _class_dirs(root: Path, classes: Sequence[str] | None, layout: str) -> list[
 def _images_in(folder: Path, layout: str, allow_empty: bool = False) -> list[Path]:
     """Image files of a defect or mask folder; anything else that is visible is an error."""
     images = []
-    for entry in _visible_entries(folder):
+    for entry in visible_entries(folder):
         if entry.is_dir() or not is_image_file(entry):
             kind = "folder" if entry.is_dir() else "non-image file"
             raise LayoutError(f"{entry}: unexpected {kind} in {folder}; {layout}")
@@ -117,7 +113,7 @@ def _read_class(
         split_dir = class_dir / split
         if not split_dir.is_dir():
             raise LayoutError(f"{split_dir} is missing; {layout}")
-        defect_dirs = _visible_entries(split_dir)
+        defect_dirs = visible_entries(split_dir)
         for entry in defect_dirs:
             if not entry.is_dir():
                 raise LayoutError(
@@ -159,7 +155,7 @@ def _read_class(
                     f" ({len(masks)} unmatched mask(s) in {ground_truth / defect}; mask_suffix={mask_suffix!r})"
                 )
     if "test" in splits and ground_truth.is_dir():
-        for mask_dir in _visible_entries(ground_truth):
+        for mask_dir in visible_entries(ground_truth):
             if mask_dir.name not in anomalous_defects and mask_dir.name != normal_defect:
                 raise MaskError(
                     f"{mask_dir}: mask folder has no matching image folder "

@@ -14,7 +14,9 @@ Example:
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -149,3 +151,15 @@ def write_manifest(samples: list[Sample], path: str | Path) -> Path:
     else:
         raise ValueError(f"{path}: manifest must be .csv or .jsonl")
     return path
+
+
+def samples_fingerprint(samples: Sequence[Sample]) -> str:
+    """Identity of a list of samples: paths, labels, classes, and each file's size and modification time."""
+    digest = hashlib.sha256()
+    for sample in samples:
+        digest.update(f"{sample.image}|{sample.mask}|{sample.label}|{sample.class_name}|".encode())
+        for path in (sample.image, sample.mask):
+            if path is not None:
+                status = Path(path).stat()
+                digest.update(f"{status.st_size}:{status.st_mtime_ns}|".encode())
+    return digest.hexdigest()

@@ -1,10 +1,31 @@
-"""One module per method, registered by name: `build_method("anomalyclip", ...)` imports and builds it.
+"""One module per method, each registering its builder by name (timm's registry): importing the package imports
+them all, so `build_method("anomalyclip", ...)` knows every method.
 
     >>> from zsadkit.methods import build_method, registered_methods
     >>> registered_methods()
     ['anomalyclip', 'clip', 'clip-ac', 'coop', 'vand', 'winclip']
 """
 
-from zsadkit.methods.base import Detector, Prediction, build_method, register_method, registered_methods
+from zsadkit.methods import anomalyclip, clip_baseline, coop, vand, winclip
+from zsadkit.methods.base import (
+    Detector,
+    FeatureModel,
+    Prediction,
+    build_method,
+    register_method,
+    registered_methods,
+)
 
-__all__ = ["Detector", "Prediction", "build_method", "register_method", "registered_methods"]
+__all__ = [
+    "Detector",
+    "FeatureModel",
+    "Prediction",
+    "anomalyclip",
+    "build_method",
+    "clip_baseline",
+    "coop",
+    "register_method",
+    "registered_methods",
+    "vand",
+    "winclip",
+]

@@ -23,7 +23,7 @@ checks this file against the reference's outputs.
 Example:
     >>> from zsadkit.models import load_clip
     >>> clip = load_clip("zsad-tiny", image_size=112)
-    >>> model = AnomalyCLIP(clip, default_config("zsad-tiny"))
+    >>> model = AnomalyCLIP(clip, reference_config(clip))
     >>> prediction = model.predict(torch.randn(2, 3, 112, 112), ["bottle", "bottle"])
     >>> prediction.image_scores.shape, prediction.anomaly_maps.shape
     (torch.Size([2]), torch.Size([2, 112, 112]))
@@ -33,20 +33,17 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, fields, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
-import pandas as pd
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.utils.data import DataLoader
 
-from zsadkit.data.records import Sample
-from zsadkit.feature_cache import FeatureCache, default_cache_root, module_fingerprint, samples_fingerprint
 from zsadkit.losses import binary_dice_loss, focal_loss
 from zsadkit.maps import (
     anomaly_map_from_probabilities,
@@ -54,28 +51,33 @@ from zsadkit.maps import (
     gaussian_smooth,
     upsample_token_probabilities,
 )
-from zsadkit.methods.base import Prediction, register_method
-from zsadkit.models import AttentionVariant, TextEncoder, VisualEncoder, load_backbone, tokenize
+from zsadkit.methods.base import (
+    Prediction,
+    backbone_defaults,
+    backbone_for,
+    check_options,
+    register_method,
+    seeded,
+)
+from zsadkit.models import AttentionVariant, TextEncoder, VisualEncoder, module_fingerprint, tokenize
 from zsadkit.prompt_learning import PromptLearner, PromptLearnerConfig
-from zsadkit.training import TrainConfig, TrainResult, train
+
+__all__ = [
+    "ABNORMAL_WORDS",
+    "AnomalyCLIP",
+    "AnomalyCLIPConfig",
+    "ImageFeatures",
+    "build_anomalyclip",
+    "import_official_prompt_learner",
+    "on_backbone",
+    "reference_config",
+]
 
 #: Abnormality words of the paper's Table 13/14 ablation ("damaged" is the default).
 ABNORMAL_WORDS = ("damaged", "anomalous", "flawed", "defective", "blemished")
 CHECKPOINT_FORMAT = "zsadkit-anomalyclip-prompts/1"
 #: `AnomalyCLIPConfig` fields that define the prompts (Sec. 3.2): saved prompts load only into a model that agrees.
 PROMPT_FIELDS = ("abnormal_word", "object_agnostic", "shared_context", "n_ctx", "deep_depth", "deep_length")
-
-#: Our dataset names → the names of the paper's tables (Table 1: industrial, Table 2: medical).
-INDUSTRIAL_DATASETS = {"mvtec": "MVTec AD", "visa": "VisA", "mpdd": "MPDD", "btad": "BTAD", "sdd": "SDD",
-                       "dagm": "DAGM", "dtd_synthetic": "DTD-Synthetic"}
-MEDICAL_DATASETS = {"headct": "HeadCT", "brainmri": "BrainMRI", "br35h": "Br35H", "covid19": "COVID-19",
-                    "isic": "ISIC", "colondb": "CVC-ColonDB", "clinicdb": "CVC-ClinicDB", "kvasir": "Kvasir",
-                    "endo": "Endo", "tn3k": "TN3K"}
-PUBLISHED_DATASET_NAMES = {**INDUSTRIAL_DATASETS, **MEDICAL_DATASETS}
-#: The paper's zero-shot protocol (Sec. 4.1): prompts trained on VisA are tested on MVTec AD; prompts trained on
-#: MVTec AD are tested on every other dataset. Both use the auxiliary dataset's test split.
-PAPER_PROTOCOL = (("visa", ("mvtec",)),
-                  ("mvtec", tuple(name for name in PUBLISHED_DATASET_NAMES if name not in ("mvtec",))))
 
 
 @dataclass(frozen=True)
@@ -160,16 +162,13 @@ class AnomalyCLIPConfig:
         return json.dumps(asdict(self), sort_keys=True)
 
 
-def default_config(backbone: str = "ViT-L-14-336", **overrides) -> AnomalyCLIPConfig:
-    """Reference settings for a backbone: ViT-L/14 (24 vision layers) as released; the 4-layer `zsad-tiny` as in
-    the golden fixtures (features [4], DPAM from layer 2, deep depth 3). Other names get the ViT-L settings
-    scaled to 12 layers for ViT-B (features [12], DPAM from layer 3)."""
-    if backbone == "zsad-tiny":
-        base = AnomalyCLIPConfig(feature_layers=(4,), dpam_first_layer=2, deep_depth=3)
-    elif backbone.startswith("ViT-B"):
-        base = AnomalyCLIPConfig(feature_layers=(12,), dpam_first_layer=3)
-    else:
-        base = AnomalyCLIPConfig()
+def reference_config(clip: nn.Module, **overrides: Any) -> AnomalyCLIPConfig:
+    """The released settings scaled to `clip`'s depth (`zsadkit.methods.base.backbone_defaults`): the last block as
+    feature layer, DPAM from the reference's first block (6 of 24, 3 of 12, 2 of the fixtures' 4), deep prompts in
+    the reference's text blocks (9 of 12, 3 of 4); `overrides` are `AnomalyCLIPConfig` fields."""
+    defaults = backbone_defaults(clip)
+    base = AnomalyCLIPConfig(feature_layers=(defaults.last_layer,), dpam_first_layer=defaults.dpam_first_layer,
+                             deep_depth=defaults.deep_depth)
     return replace(base, **overrides)
 
 
@@ -217,13 +216,13 @@ class AnomalyCLIP(nn.Module):
         if bad:
             raise ValueError(
                 f"feature_layers {bad} outside the {num_layers} vision layers of this backbone (valid: 1..{num_layers}; "
-                "use default_config(backbone) for its reference layers)"
+                "use reference_config(clip) for its reference layers)"
             )
         first = self.config.dpam_first_layer
         if first is not None and not 1 <= first <= num_layers:
             raise ValueError(
                 f"dpam_first_layer {first} outside the {num_layers} vision layers of this backbone (valid: "
-                f"1..{num_layers}, or None for no DPAM; use default_config(backbone) for its reference layer)"
+                f"1..{num_layers}, or None for no DPAM; use reference_config(clip) for its reference layer)"
             )
         if self.config.deep_depth > len(self.text.blocks):
             raise ValueError(
@@ -231,7 +230,7 @@ class AnomalyCLIP(nn.Module):
             )
         self.prompt_learner = PromptLearner(clip.token_embedding, self.config.prompt_config(), tokenize)
         self._text_feature_cache: dict[tuple[str, ...], torch.Tensor] = {}
-        self._text_feature_cache_state: tuple = ()
+        self.prompt_learner.register_load_state_dict_post_hook(self._prompts_loaded)
 
     # ----------------------------------------------------------------------------------------- visual side
     @property
@@ -290,31 +289,41 @@ class AnomalyCLIP(nn.Module):
         features = self.encode_text(unique)
         return features[torch.tensor([unique.index(name) for name in class_names], device=features.device)]
 
-    def _prompt_state(self) -> tuple:
-        """Identifies the current prompt values: every in-place change (optimiser step, `copy_`, `+=`) bumps a
-        tensor's `_version`; moving or casting the module changes its storage."""
-        return tuple((id(p), p._version, p.data_ptr(), str(p.device), p.dtype)
-                     for p in self.prompt_learner.parameters())
+    def refresh_text_features(self) -> None:
+        """Forget the test-time text features; call after changing the prompts in place outside `zsadkit.training`
+        (training, loading prompts, a mode switch and device or dtype moves refresh them already)."""
+        self._text_feature_cache.clear()
 
-    def _frozen_text_for_images(self, class_names: Sequence[str]) -> torch.Tensor:
-        """`text_for_images` computed once per class list while the prompts do not change (test time)."""
-        state = self._prompt_state()
-        if state != self._text_feature_cache_state:
-            self._text_feature_cache.clear()
-            self._text_feature_cache_state = state
+    def _prompts_loaded(self, module: nn.Module, incompatible_keys: object) -> None:
+        self.refresh_text_features()
+
+    def frozen_text_for_images(self, class_names: Sequence[str]) -> torch.Tensor:
+        """`text_for_images` without a graph, computed once per class list until `refresh_text_features` (in
+        training mode always recomputed)."""
         key = () if self.config.object_agnostic else tuple(sorted(set(class_names)))
-        if key not in self._text_feature_cache:
+        if self.training or key not in self._text_feature_cache:
             with torch.no_grad():
-                self._text_feature_cache[key] = self.encode_text(list(key))
+                features = self.encode_text(list(key))
+            if self.training:
+                return features if self.config.object_agnostic else self._per_image(features, key, class_names)
+            self._text_feature_cache[key] = features
         features = self._text_feature_cache[key]
-        if self.config.object_agnostic:
-            return features
-        return features[torch.tensor([key.index(name) for name in class_names], device=features.device)]
+        return features if self.config.object_agnostic else self._per_image(features, key, class_names)
+
+    @staticmethod
+    def _per_image(features: torch.Tensor, classes: Sequence[str], class_names: Sequence[str]) -> torch.Tensor:
+        """Rows of per-class features (C, 2, D) for each image's class → (B, 2, D)."""
+        return features[torch.tensor([list(classes).index(name) for name in class_names], device=features.device)]
 
     def train(self, mode: bool = True) -> AnomalyCLIP:
         """Switch mode; any change of mode drops the test-time text features (prompts may have changed)."""
-        self._text_feature_cache.clear()
+        self.refresh_text_features()
         return super().train(mode)
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - nn.Module's signature
+        """Device and dtype moves (`.to`, `.half`, ...) drop the test-time text features too."""
+        self.refresh_text_features()
+        return super()._apply(fn, recurse)
 
     # -------------------------------------------------------------------------------------------- scoring
     def image_logits(self, global_embedding: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
@@ -355,7 +364,7 @@ class AnomalyCLIP(nn.Module):
         """Zero-shot prediction for a batch (B, 3, S, S) of normalised images (the `Detector` protocol)."""
         if len(class_names) != images.shape[0]:
             raise ValueError(f"predict: {images.shape[0]} images but {len(class_names)} class names")
-        return self.score(self.encode_image(images), self._frozen_text_for_images(class_names))
+        return self.score(self.encode_image(images), self.frozen_text_for_images(class_names))
 
     # ------------------------------------------------------------------------------------------- training
     def losses(
@@ -409,20 +418,25 @@ class AnomalyCLIP(nn.Module):
             "global": "cls@proj without ln_post",
         }
 
-    def feature_cache(
-        self,
-        samples: Sequence[Sample],
-        cache_root: str | Path | None = None,
-        dtype: str = "float32",
-        batch_size: int = 8,
-        device: str | torch.device = "cpu",
-        progress: bool = False,
-    ) -> FeatureCache:
-        """The (built) on-disk cache of `encode_image` for `samples` under `cache_root` (default root if None)."""
-        key = {**self.feature_cache_key(), "dtype": dtype, "samples": samples_fingerprint(samples)}
-        cache = FeatureCache(cache_root or default_cache_root(), key, name="anomalyclip")
-        return cache.build(samples, lambda images: self.encode_image(images).as_cache_rows(), self.image_size,
-                           batch_size=batch_size, device=device, dtype=dtype, progress=progress)
+    # ----------------------------------------------- `FeatureModel`: training and evaluation on cached features
+    def encode_rows(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """`encode_image` as batch-first cache rows."""
+        return self.encode_image(images).as_cache_rows()
+
+    def losses_from_rows(self, rows: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """`losses` of a batch of cache rows (with "mask", "label", "class_name")."""
+        features = ImageFeatures.from_cache_rows(rows, self.visual.visual.proj.device)
+        return self.losses(features, rows["mask"], rows["label"], rows["class_name"])
+
+    @torch.no_grad()
+    def predict_from_rows(self, rows: Mapping[str, Any]) -> Prediction:
+        """`predict` on a batch of cache rows."""
+        features = ImageFeatures.from_cache_rows(rows, self.visual.visual.proj.device)
+        return self.score(features, self.frozen_text_for_images(list(rows["class_name"])))
+
+    def fingerprint(self) -> dict[str, object]:
+        """What besides the training settings and samples determines the trained prompts."""
+        return {"config": asdict(self.config), "backbone_weights": module_fingerprint(self.text.clip)}
 
     def trainable_parameters(self) -> dict[str, nn.Parameter]:
         """The prompt learner's parameters by checkpoint name (contexts, deep_prompts.i)."""
@@ -487,7 +501,7 @@ class AnomalyCLIP(nn.Module):
         with torch.no_grad():
             for name, parameter in own.items():
                 parameter.copy_(state[name].to(parameter.dtype))
-        self._text_feature_cache.clear()
+        self.refresh_text_features()
 
 
 def import_official_prompt_learner(
@@ -538,137 +552,42 @@ def import_official_prompt_learner(
     return converted
 
 
-def fit(
-    model: AnomalyCLIP,
-    samples: Sequence[Sample],
-    config: TrainConfig | None = None,
-    *,
-    use_cache: bool = True,
-    cache_root: str | Path | None = None,
-    cache_dtype: str = "float32",
-    device: str | torch.device = "cpu",
-    progress: bool = False,
-) -> TrainResult:
-    """Train the prompts on an auxiliary dataset (Sec. 3.4; reference: the auxiliary set's test split).
-
-    With `use_cache` the frozen image features are computed once into a memory-mapped `FeatureCache` (spec §10:
-    the reference recomputes them every epoch on identical, unaugmented images), so an epoch costs only the text
-    encoder and the loss. Without it every step runs the image encoder, as the reference does.
-
-    Args:
-        model: the `AnomalyCLIP` to train (on `device`).
-        samples: training records with masks (anomalous images need masks; normal ones get zero masks).
-        config: `TrainConfig` (defaults: Adam 1e-3, betas (0.5, 0.999), batch 8, 15 epochs, seed 111).
-        use_cache: read image features from the cache instead of recomputing them.
-        cache_root: parent folder of feature caches (default `default_cache_root()`).
-        cache_dtype: storage dtype of cached features ("float32" exact, "float16" half the disk).
-        device: where the model runs.
-        progress: progress bars.
-
-    Returns:
-        `TrainResult` with the per-epoch log (loss = objective, image = global CE, local = λ·Σ local terms).
-
-    Raises:
-        zsadkit.training.CheckpointMismatchError: `config.checkpoint_dir` holds a run of another method
-            configuration, training setting or sample list (the checkpoints' fingerprint).
-    """
-    model.train()
-    if use_cache:
-        dataset = model.feature_cache(samples, cache_root, cache_dtype, (config or TrainConfig()).batch_size, device,
-                                      progress).dataset()
-    else:
-        from zsadkit.data.dataset import AnomalyDataset
-
-        dataset = AnomalyDataset(list(samples), image_size=model.image_size)
-
-    def step(batch: dict) -> dict[str, torch.Tensor]:
-        if "image" in batch:
-            features = model.encode_image(batch["image"].to(device))
-        else:
-            features = ImageFeatures.from_cache_rows(batch, device)
-        return model.losses(features, batch["mask"], batch["label"], batch["class_name"])
-
-    fingerprint = {"method": "anomalyclip", "config": asdict(model.config), "samples": samples_fingerprint(samples),
-                   "backbone_weights": module_fingerprint(model.text.clip),
-                   "image_features": f"cache {cache_dtype}" if use_cache and cache_dtype != "float32" else "float32"}
-    result = train(model.trainable_parameters(), dataset, step, config, fingerprint=fingerprint, progress=progress)
-    model.eval()
-    return result
-
-
-@torch.no_grad()
-def evaluate_cached(
-    model: AnomalyCLIP,
-    samples: Sequence[Sample],
-    *,
-    dataset: str,
-    batch_size: int = 8,
-    device: str | torch.device = "cpu",
-    pro: str | None = "cflow200",
-    cache_root: str | Path | None = None,
-    cache_dtype: str = "float32",
-    progress: bool = False,
-) -> pd.DataFrame:
-    """`zsadkit.engine.evaluate` for AnomalyCLIP, reading image features from the feature cache.
-
-    Ablations that only change the text side (prompts, losses, words) share one cache per test set, so each
-    variant's evaluation costs the scoring only. Same rows as `engine.evaluate`. Disk: (1 + N)·D values per
-    image and variant (ViT-L at 518: 1370 × 768, 4.2 MB in float32, 2.1 MB with `cache_dtype="float16"`).
-    """
-    from zsadkit.engine import score_predictions
-
-    model.eval()
-    rows = model.feature_cache(samples, cache_root, cache_dtype, batch_size, device, progress).dataset()
-
-    def pairs() -> Iterator[tuple[dict, Prediction]]:
-        for batch in DataLoader(rows, batch_size=batch_size, shuffle=False):
-            text = model._frozen_text_for_images(list(batch["class_name"]))
-            yield batch, model.score(ImageFeatures.from_cache_rows(batch, device), text)
-
-    has_masks = any(sample.mask is not None for sample in samples)
-    return score_predictions(pairs(), dataset=dataset, has_masks=has_masks, pro=pro)
-
-
 @register_method("anomalyclip")
 def build_anomalyclip(
     backbone: str = "zsad-tiny",
     pretrained: str = "",
     image_size: int = 112,
-    checkpoint: str = "",
     device: str = "cpu",
-    seed: int = 0,
-    **config_overrides,
+    backbone_seed: int = 0,
+    train_seed: int = 0,
+    checkpoint: str = "",
+    clip: nn.Module | None = None,
+    **config_overrides: Any,
 ) -> AnomalyCLIP:
     """An `AnomalyCLIP` on a loaded backbone, optionally with trained prompts (`checkpoint`: ours or official).
 
     Args:
         backbone: open_clip name or "zsad-tiny".
-        pretrained: open_clip tag ("openai"), a local weights file, or "" for random weights (seeded by `seed`).
+        pretrained: open_clip tag ("openai"), a local weights file, or "" for random weights.
         image_size: input side S.
-        checkpoint: prompts file (.safetensors written by `save_prompts`, or the official `epoch_15.pth`).
         device: torch device.
-        seed: seed of random backbone weights and of the prompt initialisation.
-        **config_overrides: fields of `AnomalyCLIPConfig` (defaults from `default_config(backbone)`).
+        backbone_seed: seed of random backbone weights.
+        train_seed: seed of the prompt initialisation.
+        checkpoint: prompts file (.safetensors written by `save_prompts`, or the official `epoch_15.pth`).
+        clip: a loaded backbone to reuse instead of loading one.
+        **config_overrides: fields of `AnomalyCLIPConfig` (defaults: `reference_config(clip)`).
     """
     check_options("anomalyclip", AnomalyCLIPConfig, config_overrides)
-    clip = load_backbone(backbone, pretrained, image_size, seed=seed)
-    return on_backbone(clip, default_config(backbone, **config_overrides), checkpoint, device, seed)
-
-
-def check_options(method: str, config_class: type, options: Mapping) -> None:
-    """Raise a TypeError naming the options that are not fields of `config_class`."""
-    known = {f.name for f in fields(config_class)}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise TypeError(f"{method}: unknown options {unknown}; {config_class.__name__} has {sorted(known)}")
+    clip = backbone_for(clip, backbone, pretrained, image_size, device, backbone_seed)
+    return on_backbone(clip, reference_config(clip, **config_overrides), checkpoint, device, train_seed)
 
 
 def on_backbone(
-    clip: nn.Module, config: AnomalyCLIPConfig, checkpoint: str = "", device: str = "cpu", seed: int = 0
+    clip: nn.Module, config: AnomalyCLIPConfig, checkpoint: str = "", device: str = "cpu", train_seed: int = 0
 ) -> AnomalyCLIP:
-    """An `AnomalyCLIP` (or CoOp) model with prompts initialised from `seed`, optionally loaded from `checkpoint`."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    """An `AnomalyCLIP` (or CoOp) model with prompts initialised from `train_seed`, optionally loaded from
+    `checkpoint`."""
+    with seeded(train_seed):
         model = AnomalyCLIP(clip, config)
     if checkpoint:
         model.load_prompts(checkpoint)

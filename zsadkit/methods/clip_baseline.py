@@ -9,11 +9,11 @@ Method (AnomalyCLIP Sec. 2, Eq. 1, and App. A.2):
    ``ln_post`` → ``proj``, plain CLIP) and ⟨·,·⟩ the cosine.
 3. Map: Eq. 1 on every local (patch) embedding, reshaped to the G×G grid and upsampled bilinearly to S×S.
 
-Assumptions, since the paper names neither (baselines spec §1, recorded here and in the notebooks):
+Assumptions, since the paper names neither (recorded here and in the notebooks):
 
 * **Local embeddings**: last-layer patch tokens → ``ln_post`` → ``proj`` into the joint space where the text
   lives (``patch_layer`` selects another layer).
-* **Temperature**: τ = 0.07, the value of AnomalyCLIP's Eq. 1 in its code (spec §4); τ = 0.01 (CLIP's logit
+* **Temperature**: τ = 0.07, the value of AnomalyCLIP's Eq. 1 in its code (`test.py`: `/ 0.07`); τ = 0.01 (CLIP's logit
   scale 100) is the option. A single softmax score's AUROC does not depend on τ.
 * **Smoothing**: the Gaussian σ = 4 of AnomalyCLIP's test pipeline, applied to every method AnomalyCLIP ran
   itself (CLIP, CLIP-AC, CoOp); 0 switches it off.
@@ -29,28 +29,30 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from open_clip.model import CLIP
+from torch import nn
 
 from zsadkit.maps import (
+    ANOMALYCLIP_TEMPERATURE,
     anomaly_map_from_probabilities,
     gaussian_smooth,
     patch_text_probabilities,
     upsample_token_probabilities,
 )
-from zsadkit.methods.base import Prediction, register_method
-from zsadkit.models import TextEncoder, VisualEncoder, load_backbone
+from zsadkit.methods.base import Prediction, backbone_for, check_options, register_method
+from zsadkit.models import TextEncoder, VisualEncoder
 from zsadkit.prompts import ClassTextFeatures, prompt_ensemble
 
-ANOMALYCLIP_TEMPERATURE = 0.07  # AnomalyCLIP's Eq. 1 in its code (cos / 0.07)
-CLIP_TEMPERATURE = 0.01  # CLIP's logit scale 100 (VAND, InCTRL, mala-lab WinCLIP)
+__all__ = ["ClipBaseline", "ClipBaselineConfig"]
 
 
-@dataclass
+@dataclass(frozen=True)
 class ClipBaselineConfig:
     """Options of the CLIP / CLIP-AC baselines (defaults: see the module docstring).
 
@@ -137,21 +139,28 @@ class ClipBaseline:
         return Prediction(image_scores=image_scores, anomaly_maps=anomaly_maps)
 
 
-def _build(prompts: str):
+def _builder(prompts: str) -> Callable[..., ClipBaseline]:
     def build(
         backbone: str = "zsad-tiny",
         pretrained: str = "",
         image_size: int = 112,
         device: str = "cpu",
-        seed: int = 0,
-        **options,
+        backbone_seed: int = 0,
+        train_seed: int = 0,
+        checkpoint: str = "",
+        clip: nn.Module | None = None,
+        **options: Any,
     ) -> ClipBaseline:
-        clip = load_backbone(backbone, pretrained, image_size, device, seed)
-        return ClipBaseline(clip, ClipBaselineConfig(prompts=prompts, **options))
+        check_options(prompts, ClipBaselineConfig, options)
+        if checkpoint:
+            raise ValueError(f"{prompts}: a training-free baseline takes no checkpoint, got {checkpoint!r}")
+        clip = backbone_for(clip, backbone, pretrained, image_size, device, backbone_seed)
+        return ClipBaseline(clip, ClipBaselineConfig(**{"prompts": prompts, **options}))
 
-    build.__doc__ = f"The {prompts!r} baseline from run settings; `options` are `ClipBaselineConfig` fields."
+    build.__doc__ = (f"The {prompts!r} baseline from run settings (`train_seed` is unused: nothing is drawn); "
+                     "`options` are `ClipBaselineConfig` fields.")
     return build
 
 
-register_method("clip")(_build("clip"))
-register_method("clip-ac")(_build("clip-ac"))
+register_method("clip")(_builder("clip"))
+register_method("clip-ac")(_builder("clip-ac"))

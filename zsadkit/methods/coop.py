@@ -17,9 +17,10 @@ with σ = 4) with CoOp's prompts in place of the object-agnostic ones and none o
 * local features from layers 6/12/18/24 (ViT-L) with λ = 1, AnomalyCLIP's paper setting at the time the CoOp
   numbers were made (without DPAM the multi-layer aliasing of AnomalyCLIP's old code does not arise).
 
-Deviation, recorded: CoOp's own optimiser is SGD (lr 0.002, cosine schedule); the shared trainer
-(`zsadkit.training`) runs AnomalyCLIP's Adam (lr 1e-3, betas (0.5, 0.999), batch 8, 15 epochs), which is what
-"trained like AnomalyCLIP" means here.
+Training (`zsadkit.recipes.coop`): AnomalyCLIP's appendix says CoOp's parameters "are kept the same as in their
+paper", so the default is CoOp's optimiser: SGD (lr 0.002, momentum 0.9, weight decay 5e-4), a cosine schedule
+after one constant warm-up epoch at 1e-5, batch 32 (CoOp's Dassl configuration); the epochs (15, AnomalyCLIP's
+schedule) are not stated anywhere [unverified]. AnomalyCLIP's Adam is the named option `optimizer="anomalyclip"`.
 
 Example:
     >>> coop = build_coop(backbone="zsad-tiny", image_size=112)
@@ -30,19 +31,22 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Any
 
-from zsadkit.methods.anomalyclip import AnomalyCLIP, AnomalyCLIPConfig, check_options, on_backbone
-from zsadkit.methods.base import register_method
-from zsadkit.methods.vand import evenly_spaced_layers
-from zsadkit.models import load_backbone
+from torch import nn
+
+from zsadkit.methods.anomalyclip import AnomalyCLIP, AnomalyCLIPConfig, on_backbone
+from zsadkit.methods.base import backbone_defaults, backbone_for, check_options, register_method
 from zsadkit.prompt_learning import PromptLearnerConfig
+
+__all__ = ["CoOpConfig", "build_coop", "reference_config"]
 
 COOP_N_CTX = 16
 
 
 @dataclass(frozen=True)
 class CoOpConfig(AnomalyCLIPConfig):
-    """AnomalyCLIP's settings with CoOp's prompts (defaults for ViT-L/14@336; see `coop_config` for others).
+    """AnomalyCLIP's settings with CoOp's prompts (defaults for ViT-L/14@336; see `reference_config` for others).
 
     Attributes (beyond `AnomalyCLIPConfig`):
         normal_word: the state word of the normal prompt ("normal").
@@ -71,11 +75,10 @@ class CoOpConfig(AnomalyCLIPConfig):
         )
 
 
-def coop_config(backbone: str = "ViT-L-14-336", num_layers: int | None = None, **overrides) -> CoOpConfig:
-    """CoOp settings for a backbone: four evenly spaced layers (ViT-L 6/12/18/24, ViT-B 3/6/9/12, 4-layer tiny
-    1/2/3/4), from `num_layers` when given."""
-    layers = num_layers or (4 if backbone == "zsad-tiny" else 12 if backbone.startswith("ViT-B") else 24)
-    return replace(CoOpConfig(feature_layers=evenly_spaced_layers(layers)), **overrides)
+def reference_config(clip: nn.Module, **overrides: Any) -> CoOpConfig:
+    """CoOp settings for `clip`'s depth: four evenly spaced local layers (ViT-L 6/12/18/24, ViT-B 3/6/9/12, the
+    4-layer tiny 1/2/3/4); `overrides` are `CoOpConfig` fields."""
+    return replace(CoOpConfig(feature_layers=backbone_defaults(clip).four_layers), **overrides)
 
 
 @register_method("coop")
@@ -83,15 +86,15 @@ def build_coop(
     backbone: str = "zsad-tiny",
     pretrained: str = "",
     image_size: int = 112,
-    checkpoint: str = "",
     device: str = "cpu",
-    seed: int = 0,
-    **config_overrides,
+    backbone_seed: int = 0,
+    train_seed: int = 0,
+    checkpoint: str = "",
+    clip: nn.Module | None = None,
+    **config_overrides: Any,
 ) -> AnomalyCLIP:
     """CoOp from run settings; `config_overrides` are `CoOpConfig` fields, `checkpoint` learned prompts
-    (`AnomalyCLIP.save_prompts` output or a training epoch checkpoint). Train with
-    `zsadkit.methods.anomalyclip.fit`."""
+    (`AnomalyCLIP.save_prompts` output or a training epoch checkpoint). Train with `zsadkit.recipes.coop.fit`."""
     check_options("coop", CoOpConfig, config_overrides)
-    clip = load_backbone(backbone, pretrained, image_size, device, seed)
-    config = coop_config(backbone, len(clip.visual.transformer.resblocks), **config_overrides)
-    return on_backbone(clip, config, checkpoint, device, seed)
+    clip = backbone_for(clip, backbone, pretrained, image_size, device, backbone_seed)
+    return on_backbone(clip, reference_config(clip, **config_overrides), checkpoint, device, train_seed)

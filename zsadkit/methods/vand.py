@@ -1,5 +1,5 @@
 """VAND / April-GAN (Chen, Han, Zhang, arXiv 2305.17382): WinCLIP-style prompts + trained linear projections of
-intermediate patch tokens. Follows the reference code ByChelsea/VAND-APRIL-GAN @ f13b8a6 (baselines spec §4).
+intermediate patch tokens. Follows the reference code ByChelsea/VAND-APRIL-GAN @ f13b8a6.
 
 Method, in the order of the paper's Sec. 2 (zero-shot track):
 
@@ -10,12 +10,9 @@ Method, in the order of the paper's Sec. 2 (zero-shot track):
    ``ln_post``/``proj``, CLS dropped, each mapped by its own trained ``nn.Linear(W → D)`` (`VandProjections`).
 3. Per-layer map: normalise the projected tokens; logits = 100 · ⟨token, text⟩ (τ = 0.01); reshape to the G×G
    grid, bilinear upsampling with ``align_corners=True`` to S×S, **then** the softmax over the two states
-   (AnomalyCLIP's shared maps take the softmax before upsampling).
-4. Loss (Sec. 2.3): Σ_layers [focal(probabilities, mask) + dice(P_anomalous, mask)] (γ = 2, no α), on the
-   auxiliary dataset's *test* split with masks; Adam(lr 1e-3, betas (0.5, 0.999)), batch 8, 3 epochs on
-   MVTec AD / 15 on VisA (`VandTrainingConfig`). On MVTec AD the reference replaces an item, with probability
-   ``aug_rate`` = 0.2, by a 2×2 mosaic of four random test images of its class and their masks (`MosaicDataset`,
-   ``VandTrainingConfig.mosaic_rate``; default 0.2 when every training record is from "mvtec", else 0).
+   (`zsadkit.maps.state_maps(order="upsample_then_softmax")`; AnomalyCLIP's maps take the softmax first).
+4. Loss (Sec. 2.3, `Vand.losses`): Σ_layers [focal(probabilities, mask) + dice(P_anomalous, mask)] (γ = 2, no
+   α). How it is trained (the auxiliary test split, Adam, the mosaic augmentation) is `zsadkit.recipes.vand`.
 5. Inference: the pixel map is the **sum** over layers of P_anomalous (range 0 to 4), no smoothing. The image
    score is plain CLIP on the global embedding: softmax(100 · ⟨normalize(CLS → ln_post → proj), text⟩)[1];
    the trained projections do not touch it.
@@ -32,46 +29,46 @@ two agree up to that affine rescaling of the map term).
 
 Example:
     >>> vand = build_vand(backbone="zsad-tiny", image_size=112)  # layers 1/2/3/4 of 4
-    >>> vand.projections.trainable_parameters()
+    >>> vand.projections.num_parameters()
     16512
 """
 
 from __future__ import annotations
 
+import json
 import math
-import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
 
 import open_clip
 import torch
 import torch.nn.functional as F
 from open_clip.model import CLIP
-from PIL import Image
+from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
-from zsadkit.data.dataset import AnomalyDataset
-from zsadkit.data.images import check_mask_matches_image, read_image
-from zsadkit.data.records import Sample
 from zsadkit.losses import binary_dice_loss, focal_loss
-from zsadkit.methods.base import Prediction, register_method
-from zsadkit.methods.clip_baseline import CLIP_TEMPERATURE
-from zsadkit.models import TextEncoder, VisualEncoder, load_backbone
+from zsadkit.maps import CLIP_TEMPERATURE, state_maps
+from zsadkit.methods.base import (
+    Prediction,
+    backbone_defaults,
+    backbone_for,
+    check_options,
+    register_method,
+    seeded,
+)
+from zsadkit.models import TextEncoder, VisualEncoder
 from zsadkit.prompts import ClassTextFeatures, prompt_ensemble
 
+__all__ = ["Vand", "VandConfig", "VandOutput", "VandProjections", "build_vand", "read_projections",
+           "reference_few_shot_image_scores"]
+
 VAND_LAYERS_VIT_L = (6, 12, 18, 24)
-REFERENCE_MVTEC_MOSAIC_RATE = 0.2  # reference train.py `aug_rate`
 
 
-def evenly_spaced_layers(num_layers: int, count: int = 4) -> tuple[int, ...]:
-    """`count` 1-indexed layers ending at the last: 24 → (6, 12, 18, 24), 12 → (3, 6, 9, 12), 4 → (1, 2, 3, 4)."""
-    step = max(1, num_layers // count)
-    return tuple(range(step, num_layers + 1, step))[-count:]
-
-
-@dataclass
+@dataclass(frozen=True)
 class VandConfig:
     """Model options of VAND (defaults: the reference's ViT-L-14-336 settings).
 
@@ -90,125 +87,15 @@ class VandConfig:
     replace_underscores: bool = False
 
     def __post_init__(self) -> None:
-        self.layers = tuple(int(layer) for layer in self.layers)
+        object.__setattr__(self, "layers", tuple(int(layer) for layer in self.layers))
         if not self.layers:
             raise ValueError("VandConfig.layers must name at least one layer")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be positive, got {self.temperature}")
         prompt_ensemble(self.prompts)
 
-
-@dataclass
-class VandTrainingConfig:
-    """Training options (reference `train.py` / `train.sh`).
-
-    Attributes:
-        epochs: 3 when training on MVTec AD, 15 on VisA (the last epoch is kept).
-        batch_size: 8.
-        lr: Adam learning rate.
-        betas: Adam betas.
-        seed: `setup_seed(111)`: seeds the shuffling and the mosaic draws.
-        mosaic_rate: probability that an item becomes a 2×2 mosaic of four images of its class (reference
-            ``aug_rate``, applied by its MVTec AD dataset only). None = the reference's behaviour: 0.2 when every
-            training record's dataset is "mvtec", else 0.
-    """
-
-    epochs: int = 3
-    batch_size: int = 8
-    lr: float = 1e-3
-    betas: tuple[float, float] = (0.5, 0.999)
-    seed: int = 111
-    mosaic_rate: float | None = None
-
-    def __post_init__(self) -> None:
-        if self.mosaic_rate is not None and not 0.0 <= self.mosaic_rate <= 1.0:
-            raise ValueError(f"mosaic_rate must be in [0, 1] or None, got {self.mosaic_rate}")
-
-    def resolved_mosaic_rate(self, samples: Sequence[Sample]) -> float:
-        """`mosaic_rate`, with None resolved as the reference does (0.2 on MVTec AD, else 0)."""
-        if self.mosaic_rate is not None:
-            return self.mosaic_rate
-        return REFERENCE_MVTEC_MOSAIC_RATE if all(sample.dataset == "mvtec" for sample in samples) else 0.0
-
-
-def mosaic(images: Sequence[Image.Image], masks: Sequence[Image.Image]) -> tuple[Image.Image, Image.Image]:
-    """Paste four images and their masks, unresized, into 2×2 canvases (reference ``combine_img``).
-
-    The canvas is twice the first image's (W, H); image i goes to row i // 2, column i % 2, at (col·W, row·H).
-    """
-    width, height = images[0].size
-    canvas = Image.new("RGB", (2 * width, 2 * height))
-    mask_canvas = Image.new("L", (2 * width, 2 * height))
-    for position, (image, mask) in enumerate(zip(images, masks, strict=True)):
-        corner = ((position % 2) * width, (position // 2) * height)
-        canvas.paste(image.convert("RGB"), corner)
-        mask_canvas.paste(mask, corner)
-    return canvas, mask_canvas
-
-
-class MosaicDataset(Dataset):
-    """Training items with the reference's mosaic augmentation (`MVTecDataset(aug_rate)`, Sec. 2.3).
-
-    With probability ``rate`` item i is replaced by a mosaic (`mosaic`) of four records of its class, each drawn
-    as the reference does: a defect type uniformly (``good`` included), then a record of that type uniformly,
-    with replacement. The mosaic at full resolution then goes through the dataset's own transforms, so each
-    quadrant is its image resized to S/2. The reference draws from the class's test folder on disk; here from
-    the training records of the class (its test split, in the reference setting). Draws are deterministic in
-    (seed, epoch, index); call `set_epoch` each epoch. A mosaic's label is 1 if any of its four is anomalous
-    (the reference keeps the replaced item's label, which its loss does not use).
-
-    Args:
-        dataset: the records and transforms.
-        rate: mosaic probability per item.
-        seed: seed of the draws.
-    """
-
-    def __init__(self, dataset: AnomalyDataset, rate: float, seed: int) -> None:
-        self.dataset, self.rate, self.seed, self.epoch = dataset, rate, seed, 0
-        self.by_class_and_defect: dict[str, dict[str, list[int]]] = {}
-        for index, sample in enumerate(dataset.samples):
-            self.by_class_and_defect.setdefault(sample.class_name, {}).setdefault(sample.defect, []).append(index)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def mosaic_indices(self, index: int) -> list[int] | None:
-        """The four record indices item `index` is made of in this epoch, or None when it stays itself."""
-        draw = random.Random(f"vand-mosaic/{self.seed}/{self.epoch}/{index}")
-        if draw.random() >= self.rate:
-            return None
-        by_defect = self.by_class_and_defect[self.dataset.samples[index].class_name]
-        defects = sorted(by_defect)
-        return [draw.choice(by_defect[draw.choice(defects)]) for _ in range(4)]
-
-    def __getitem__(self, index: int) -> dict:
-        indices = self.mosaic_indices(index)
-        if indices is None:
-            return self.dataset[index]
-        images, masks = [], []
-        for sample in (self.dataset.samples[i] for i in indices):
-            image = read_image(sample.image)
-            if sample.mask is None:
-                mask = Image.new("L", image.size)
-            else:
-                mask = read_image(sample.mask, what="mask")
-                check_mask_matches_image(image, mask, sample.image, sample.mask)
-            images.append(image)
-            masks.append(mask)
-        image, mask = mosaic(images, masks)
-        sample = self.dataset.samples[index]
-        return {
-            "image": self.dataset.image_transform(image),
-            "mask": self.dataset.mask_transform(mask),
-            "label": int(any(self.dataset.samples[i].label for i in indices)),
-            "class_name": sample.class_name,
-            "has_mask": all(self.dataset.has_mask[i] for i in indices),
-            "image_path": sample.image,
-            "index": index,
-        }
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
 
 
 class VandProjections(nn.Module):
@@ -232,7 +119,8 @@ class VandProjections(nn.Module):
             raise ValueError(f"expected tokens of {len(self.fc)} layers, got {len(layer_tokens)}")
         return [fc(tokens[:, 1:]) for fc, tokens in zip(self.fc, layer_tokens, strict=True)]
 
-    def trainable_parameters(self) -> int:
+    def num_parameters(self) -> int:
+        """Number of trained values."""
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
 
@@ -316,13 +204,9 @@ class Vand(nn.Module):
     # Sec. 2.3: projected intermediate tokens → per-layer maps.
     def state_map(self, projected_tokens: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """One layer's (B, 2, S, S) state probabilities from (B, N, D) projected tokens and (B, 2, D) text."""
-        tokens = F.normalize(projected_tokens, dim=-1)
-        logits = tokens @ text.transpose(1, 2) / self.config.temperature  # (B, N, 2)
-        batch, num_tokens, _ = logits.shape
-        grid = math.isqrt(num_tokens)
-        logits = logits.permute(0, 2, 1).reshape(batch, 2, grid, grid)
-        logits = F.interpolate(logits, size=self.image_size, mode="bilinear", align_corners=True)
-        return logits.softmax(dim=1)
+        maps = state_maps(F.normalize(projected_tokens, dim=-1), text, self.config.temperature, self.image_size,
+                          has_cls=False, order="upsample_then_softmax", align_corners=True)
+        return maps.permute(0, 3, 1, 2)
 
     def image_scores(self, image_features: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """(B,) P(anomalous) of plain CLIP on the global embedding (B, D)."""
@@ -344,6 +228,24 @@ class Vand(nn.Module):
             state_maps=[self.state_map(tokens, text) for tokens in projected],
             image_scores=self.image_scores(features.global_embedding, text),
         )
+
+    def losses(self, output: VandOutput, masks: torch.Tensor) -> torch.Tensor:
+        """Sec. 2.3: Σ_layers [focal(P, mask) + dice(P_anomalous, mask)] with masks (B, S, S) binarised at 0.5
+        (reference `train.py`)."""
+        gt = (masks > 0.5).float().to(self.device)
+        return sum(focal_loss(maps, gt) + binary_dice_loss(maps[:, 1], gt) for maps in output.state_maps)
+
+    def trainable_parameters(self) -> dict[str, nn.Parameter]:
+        """The projections by checkpoint name (`fc.<i>.weight`/`bias`, the reference's names)."""
+        return dict(self.projections.named_parameters())
+
+    def save_projections(self, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+        """Write the projections to a safetensors file (`read_projections` and `checkpoint=` read it back)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {name: value.detach().cpu().contiguous() for name, value in self.trainable_parameters().items()}
+        save_file(tensors, str(path), metadata={"config": self.config.to_json(), **dict(metadata or {})})
+        return path
 
     # Sec. 3: few-shot memory of normal references (optional).
     @torch.no_grad()
@@ -399,86 +301,37 @@ def reference_few_shot_image_scores(text_scores: torch.Tensor, anomaly_maps: tor
     return 0.5 * (text_scores + normalised)
 
 
-def vand_loss(state_maps: Sequence[torch.Tensor], masks: torch.Tensor) -> torch.Tensor:
-    """Σ_layers [focal(P, mask) + dice(P_anomalous, mask)] (reference `train.py`).
-
-    Args:
-        state_maps: (B, 2, S, S) probabilities per layer.
-        masks: (B, S, S) binary ground truth.
-    """
-    return sum(focal_loss(maps, masks) + binary_dice_loss(maps[:, 1], masks) for maps in state_maps)
-
-
-def train_vand(
-    vand: Vand,
-    samples: Sequence[Sample],
-    config: VandTrainingConfig | None = None,
-    *,
-    progress: bool = True,
-) -> list[float]:
-    """Train the projections on auxiliary samples with masks (the auxiliary *test* split in the reference).
-
-    Args:
-        vand: the model; its CLIP stays frozen.
-        samples: training records; normal images count with an all-zero mask.
-        config: optimisation settings.
-        progress: show a progress bar.
-    Returns:
-        Mean loss of each epoch.
-    """
-    config = config or VandTrainingConfig()
-    if not samples:
-        raise ValueError("train_vand: no training samples")
-    generator = torch.Generator().manual_seed(config.seed)
-    dataset = MosaicDataset(AnomalyDataset(list(samples), image_size=vand.image_size),
-                            config.resolved_mosaic_rate(samples), config.seed)
-    loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, generator=generator)
-    optimizer = torch.optim.Adam(vand.projections.parameters(), lr=config.lr, betas=config.betas)
-    vand.train()
-    epoch_losses = []
-    for epoch in range(config.epochs):
-        dataset.set_epoch(epoch)
-        total, count = 0.0, 0
-        for batch in tqdm(loader, desc=f"VAND epoch {epoch + 1}/{config.epochs}", disable=not progress):
-            output = vand(batch["image"], list(batch["class_name"]))
-            loss = vand_loss(output.state_maps, (batch["mask"] > 0.5).float().to(vand.device))
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            total, count = total + float(loss.detach()) * len(batch["image"]), count + len(batch["image"])
-        epoch_losses.append(total / count)
-    vand.eval()
-    return epoch_losses
-
-
 @register_method("vand")
 def build_vand(
     backbone: str = "zsad-tiny",
     pretrained: str = "",
     image_size: int = 112,
     device: str = "cpu",
-    seed: int = 0,
+    backbone_seed: int = 0,
+    train_seed: int = 0,
     checkpoint: str = "",
+    clip: nn.Module | None = None,
     pos_embed_resize: str = "open_clip",
     quick_gelu: bool | None = None,
-    **options,
+    **options: Any,
 ) -> Vand:
-    """VAND from run settings; `options` are `VandConfig` fields (``layers`` defaults to four evenly spaced
-    layers: 6/12/18/24 on ViT-L). ``checkpoint`` loads trained projections (a safetensors file of
+    """VAND from run settings; `options` are `VandConfig` fields (``layers`` defaults to the model's four evenly
+    spaced layers, `zsadkit.methods.base.backbone_defaults`: 6/12/18/24 on ViT-L). ``train_seed`` seeds the
+    projections' initialisation; ``checkpoint`` loads trained projections (a safetensors file of
     `VandProjections`, or the reference's ``{'trainable_linearlayer': state_dict}``).
 
     Backbone as the reference's forked open_clip builds it: positional embedding resized with open_clip's
     bicubic resize (``pos_embed_resize="open_clip"``), and at an image size other than the weights' native one
     (ViT-L-14-336 at 518) the model is rebuilt with ``nn.GELU`` instead of QuickGELU (``quick_gelu=None``
-    reproduces this; True/False force an activation).
+    reproduces this; True/False force an activation). A given ``clip`` is used as it is.
     """
+    check_options("vand", VandConfig, options)
     if quick_gelu is None and image_size != native_image_size(backbone):
         quick_gelu = False  # the reference fork rebuilds CLIP without QuickGELU at a non-native size
-    clip = load_backbone(backbone, pretrained, image_size, device, seed, pos_embed_resize=pos_embed_resize,
-                         quick_gelu=quick_gelu)
-    options.setdefault("layers", evenly_spaced_layers(len(clip.visual.transformer.resblocks)))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)  # the projections' initialisation
+    clip = backbone_for(clip, backbone, pretrained, image_size, device, backbone_seed,
+                        pos_embed_resize=pos_embed_resize, quick_gelu=quick_gelu)
+    options.setdefault("layers", backbone_defaults(clip).four_layers)
+    with seeded(train_seed):  # the projections' initialisation
         vand = Vand(clip, VandConfig(**options))
     if checkpoint:
         vand.projections.load_state_dict(read_projections(checkpoint))
@@ -497,8 +350,6 @@ def native_image_size(backbone: str) -> int | None:
 def read_projections(path: str) -> dict[str, torch.Tensor]:
     """Projection weights from a safetensors file or a reference ``.pth`` (``{'trainable_linearlayer': sd}``)."""
     if str(path).endswith(".safetensors"):
-        from safetensors.torch import load_file
-
         return load_file(str(path), device="cpu")
     loaded = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(loaded, dict) and "trainable_linearlayer" in loaded:

@@ -1,7 +1,7 @@
 """WinCLIP and WinCLIP+ (Jeong et al., CVPR 2023): compositional prompts, masked-token windows, harmonic fusion.
 
-No official code exists; this follows the paper and the implementations compared in baselines spec §3
-(anomalib, mala-lab/WinCLIP used by InCTRL, zqhang/WinCLIP-pytorch).
+No official code exists; this follows the paper and three implementations: anomalib's
+(`src/anomalib/models/image/winclip/torch_model.py`), mala-lab/WinCLIP (used by InCTRL) and zqhang/WinCLIP-pytorch.
 
 Method, in the order of the paper's Sec. 4:
 
@@ -46,23 +46,22 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
-import pandas as pd
 import torch
 import torch.nn.functional as F
 from open_clip.model import CLIP
+from torch import nn
 
-from zsadkit.data.dataset import AnomalyDataset
-from zsadkit.data.records import Sample
-from zsadkit.engine import predict as engine_predict
-from zsadkit.engine import score_predictions
-from zsadkit.methods.base import Detector, Prediction, register_method
-from zsadkit.methods.clip_baseline import CLIP_TEMPERATURE
-from zsadkit.models import TextEncoder, VisualEncoder, load_backbone, sliding_windows
+from zsadkit.maps import CLIP_TEMPERATURE
+from zsadkit.methods.base import Prediction, backbone_for, check_options, register_method
+from zsadkit.models import TextEncoder, VisualEncoder, sliding_windows
 from zsadkit.prompts import ClassTextFeatures, prompt_ensemble
+
+__all__ = ["WINCLIP_PROFILES", "WinClip", "WinClipConfig", "build_winclip", "harmonic_aggregation", "harmonic_mean",
+           "visual_association", "window_count"]
 
 WINCLIP_PROFILES: dict[str, dict] = {
     "mala": dict(prompts="winclip", temperature=CLIP_TEMPERATURE, normalize_prompts=True, few_shot_map="mean"),
@@ -71,7 +70,7 @@ WINCLIP_PROFILES: dict[str, dict] = {
 }
 
 
-@dataclass
+@dataclass(frozen=True)
 class WinClipConfig:
     """Options of WinCLIP (defaults: the "mala" profile, the spec's recommendation).
 
@@ -102,7 +101,7 @@ class WinClipConfig:
 
     def __post_init__(self) -> None:
         prompt_ensemble(self.prompts)
-        self.scales = tuple(int(scale) for scale in self.scales)
+        object.__setattr__(self, "scales", tuple(int(scale) for scale in self.scales))
         if self.temperature <= 0:
             raise ValueError(f"temperature must be positive, got {self.temperature}")
         if self.few_shot_map not in ("mean", "sum"):
@@ -306,59 +305,21 @@ def build_winclip(
     pretrained: str = "",
     image_size: int = 112,
     device: str = "cpu",
-    seed: int = 0,
+    backbone_seed: int = 0,
+    train_seed: int = 0,
+    checkpoint: str = "",
+    clip: nn.Module | None = None,
     profile: str = "mala",
-    **options,
+    **options: Any,
 ) -> WinClip:
-    """WinCLIP from run settings; `profile` picks a `WINCLIP_PROFILES` entry, `options` override its fields.
+    """WinCLIP from run settings; `profile` picks a `WINCLIP_PROFILES` entry, `options` override its fields
+    (`train_seed` is unused: nothing is drawn; the few-shot references are drawn by
+    `zsadkit.engine.sample_references`).
 
     The paper setting is ``backbone="ViT-B-16-plus-240", pretrained="laion400m_e31", image_size=240``.
     """
-    clip = load_backbone(backbone, pretrained, image_size, device, seed)
+    check_options("winclip", WinClipConfig, options)
+    if checkpoint:
+        raise ValueError(f"winclip: a training-free method takes no checkpoint, got {checkpoint!r}")
+    clip = backbone_for(clip, backbone, pretrained, image_size, device, backbone_seed)
     return WinClip(clip, WinClipConfig.from_profile(profile, **options))
-
-
-
-def sample_references(train_samples: Sequence[Sample], class_name: str, shots: int, seed: int = 0) -> list[Sample]:
-    """K normal training images of one class, drawn without replacement with a seeded generator.
-
-    (mala-lab draws with replacement from `RandomState(10)`, anomalib takes the first K of a shuffled loader; the
-    draw here is reproducible and never repeats an image.)
-    """
-    normals = sorted((s for s in train_samples if s.class_name == class_name and s.label == 0), key=lambda s: s.image)
-    if len(normals) < shots:
-        raise ValueError(f"class {class_name!r} has {len(normals)} normal training images, {shots} shots asked")
-    order = torch.randperm(len(normals), generator=torch.Generator().manual_seed(seed))[:shots]
-    return [normals[int(i)] for i in order]
-
-
-def evaluate_few_shot(
-    detector: Detector,
-    test_samples: Sequence[Sample],
-    train_samples: Sequence[Sample],
-    shots: int,
-    *,
-    dataset: str,
-    image_size: int,
-    batch_size: int = 8,
-    device: str | torch.device = "cpu",
-    seed: int = 0,
-    pro: str | None = "cflow200",
-    progress: bool = False,
-) -> pd.DataFrame:
-    """Metric rows of a detector with a per-class reference memory (WinCLIP+, VAND few-shot).
-
-    For each test class, `detector.fit_references` receives K normal training images of that class
-    (`sample_references`), then the class's test images are scored. Rows as `zsadkit.engine.evaluate`.
-    """
-
-    def pairs() -> Iterator[tuple[dict, Prediction]]:
-        for class_name in sorted({s.class_name for s in test_samples}):
-            references = AnomalyDataset(sample_references(train_samples, class_name, shots, seed), image_size)
-            detector.fit_references(torch.stack([references[i]["image"] for i in range(len(references))]).to(device))
-            class_samples = [s for s in test_samples if s.class_name == class_name]
-            yield from engine_predict(detector, class_samples, image_size=image_size, batch_size=batch_size,
-                                      device=device, progress=progress)
-
-    has_masks = any(s.mask is not None for s in test_samples)
-    return score_predictions(pairs(), dataset=dataset, has_masks=has_masks, pro=pro)

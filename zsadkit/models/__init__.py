@@ -20,6 +20,7 @@ from zsadkit.models.loader import (
     build_clip_from_openai_state_dict,
     load_backbone,
     load_clip,
+    module_fingerprint,
     read_checkpoint,
 )
 from zsadkit.models.pos_embed import resize_position_embedding, set_visual_image_size
@@ -40,6 +41,7 @@ __all__ = [
     "VisualFeatures",
     "build_clip_from_openai_state_dict",
     "load_clip",
+    "module_fingerprint",
     "read_checkpoint",
     "resize_position_embedding",
     "set_visual_image_size",

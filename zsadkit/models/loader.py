@@ -17,6 +17,7 @@ Checkpoint formats (``checkpoint=``):
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import warnings
@@ -29,6 +30,7 @@ import numpy as np
 import open_clip
 import torch
 from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+from torch import nn
 
 from zsadkit.models.pos_embed import POS_EMBED_RESIZE_METHODS, PosEmbedResize, set_visual_image_size
 
@@ -421,3 +423,18 @@ def load_backbone(
             ".safetensors or .npz file, or an open_clip tag such as 'openai')"
         )
     return load_clip(backbone, pretrained, **common)
+
+
+def module_fingerprint(module: nn.Module, samples_per_tensor: int = 1024) -> str:
+    """A cheap identity of a module's weights: names, shapes, float64 sums and a strided sample of each tensor.
+
+    Any realistic change of weights (another checkpoint, another seed, a resized position embedding) changes it.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        flat = tensor.detach().reshape(-1)
+        stride = max(1, flat.numel() // samples_per_tensor)
+        sample = flat[::stride][:samples_per_tensor].to("cpu", torch.float64)
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}:{float(flat.double().sum())!r}".encode())
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()

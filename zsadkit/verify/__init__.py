@@ -4,15 +4,25 @@
 
 Each method has a module `zsadkit.verify.<method>` with `main(directory: Path) -> int` that recomputes the
 fixture arrays, prints one line per array (max |Δ| and tolerance) and returns non-zero when any array is out of
-tolerance, a required file is missing, or nothing was checked. `Comparison` is the shared line printer and tally.
+tolerance, a required file is missing, or nothing was checked. `Comparison` is the one line printer and tally of
+every verify command; `Comparison.section` turns an unexpected fixture format into one FAIL line naming the part
+(and the file and key the error names) and goes on with the other parts.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+__all__ = ["Comparison", "FixtureError"]
+
+
+class FixtureError(ValueError):
+    """A fixture directory lacks a file or key, or holds a value of another format than expected."""
 
 
 @dataclass
@@ -55,6 +65,20 @@ class Comparison:
         print(f"{'ok  ' if within else 'FAIL'}  {name:<58} max|Δ| {max_difference:.3e}   tol atol={atol:g} rtol={rtol:g}")
         return within
 
+    def note(self, text: str) -> None:
+        """Print a NOTE line (a fixture peculiarity or a setting read from defaults)."""
+        print(f"NOTE  {text}")
+
+    @contextlib.contextmanager
+    def section(self, name: str) -> Iterator[None]:
+        """Run one part of the checks; an error in it (a missing key, an array of another format) is one FAIL
+        line with the error, counted as a failure, and the other parts still run."""
+        try:
+            yield
+        except (FixtureError, KeyError, ValueError, TypeError, IndexError, OSError) as error:
+            self.failures.append(name)
+            print(f"FAIL  {name:<58} not checked: {type(error).__name__}: {error}")
+
     def summary(self) -> int:
         """Print the tally; the exit status (0 = every required file present, at least one array checked, all
         within tolerance)."""
@@ -62,7 +86,7 @@ class Comparison:
             print(f"{len(self.missing_files)} required files missing: {', '.join(self.missing_files)}")
         outside = [name for name in self.failures if name not in self.missing_files]
         if outside:
-            print(f"{len(outside)} of {self.checked} arrays outside tolerance: {', '.join(outside)}")
+            print(f"{len(outside)} checks failed (of {self.checked} arrays compared): {', '.join(outside)}")
         if self.failures:
             return 1
         if self.checked == 0:

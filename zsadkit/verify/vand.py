@@ -15,8 +15,8 @@ read from the directory (`fixture_settings`), never assumed:
 
 A missing file or key is an error line naming it and a non-zero exit, as is a run with no checks.
 
-Every comparison prints one line (name, max |ours − reference|, tolerance, OK/FAIL); the exit status is 0 only
-if all pass. Tolerances are those the fixture's README suggests, except for parameters after Adam steps
+Every comparison prints one line (`zsadkit.verify.Comparison`: ok/FAIL, name, max |ours − reference|,
+tolerance); the exit status is 0 only if all pass. Tolerances are those the fixture's README suggests, except for parameters after Adam steps
 (`compare_parameters` says why). The fixture's step-1 parameter snapshot is a copy of the step-2 one (a driver
 defect, detected and reported at run time); step 1 is then checked against Adam's closed-form first step.
 """
@@ -32,18 +32,17 @@ import numpy as np
 import torch
 
 from zsadkit.losses import binary_dice_loss, focal_loss
-from zsadkit.methods.vand import Vand, VandConfig, VandTrainingConfig, evenly_spaced_layers
+from zsadkit.methods.base import evenly_spaced_layers
+from zsadkit.methods.vand import Vand, VandConfig
 from zsadkit.models import load_clip
+from zsadkit.recipes.vand import VandTrainingConfig
+from zsadkit.verify import Comparison, FixtureError
 
 FIXTURE_FILES = ("run_info.json", "state_dict.npz", "linearlayer_init.npz", "inputs.npz", "text_prompts.npz",
                  "train.npz", "zero_shot.npz", "pos_embedding.npz")
 ACTIVATIONS = {"GELU": False, "QuickGELU": True}  # run_info act_layer → load_clip(quick_gelu=...)
 README_TEXT_HEADS = 2  # tests/fixtures/vand/README.md, "Tiny model": text with 2 heads
 ADAM_EPS = 1e-8
-
-
-class FixtureError(ValueError):
-    """A fixture directory lacks a file or key, or holds inconsistent values."""
 
 
 @dataclass
@@ -60,32 +59,7 @@ class FixtureSettings:
     notes: list[str]
 
 
-@dataclass
-class Check:
-    name: str
-    max_abs_diff: float
-    atol: float
-    rtol: float
-    passed: bool
-
-    def line(self) -> str:
-        status = "OK  " if self.passed else "FAIL"
-        return f"{status} {self.name:<62} max|Δ| = {self.max_abs_diff:.3e}  (atol {self.atol:g}, rtol {self.rtol:g})"
-
-
-def compare(name: str, ours: torch.Tensor | np.ndarray, reference: np.ndarray, atol: float, rtol: float) -> Check:
-    """One comparison; a shape mismatch fails with an infinite difference."""
-    ours = ours.detach().cpu().numpy() if isinstance(ours, torch.Tensor) else np.asarray(ours)
-    reference = np.asarray(reference)
-    if ours.shape != reference.shape:
-        print(f"  {name}: shape {ours.shape} vs reference {reference.shape}")
-        return Check(name, float("inf"), atol, rtol, False)
-    diff = np.abs(ours.astype(np.float64) - reference.astype(np.float64))
-    passed = bool(np.all(diff <= atol + rtol * np.abs(reference)))
-    return Check(name, float(diff.max(initial=0.0)), atol, rtol, passed)
-
-
-def compare_parameters(name: str, ours: torch.Tensor, reference: np.ndarray) -> Check:
+def compare_parameters(out: Comparison, name: str, ours: torch.Tensor, reference: np.ndarray) -> None:
     """Parameters after Adam steps, to 5e-6 (0.5 % of the learning rate) instead of the README's 1e-7.
 
     Adam normalises every update by the running RMS of its own gradient, so gradient rounding differences that
@@ -95,11 +69,8 @@ def compare_parameters(name: str, ours: torch.Tensor, reference: np.ndarray) -> 
     change parameters by ~1e-4 and still fail.
     """
     ours_array = ours.detach().cpu().numpy()
-    check = compare(name, ours_array, reference, 5e-6, 0.0)
-    over = int(np.sum(np.abs(ours_array - reference) > 1e-7))
-    if over:
-        check.name += f" ({over} > 1e-7)"
-    return check
+    over = int(np.sum(np.abs(ours_array - reference) > 1e-7)) if ours_array.shape == reference.shape else 0
+    out.check(name + (f" ({over} > 1e-7)" if over else ""), ours_array, reference, 5e-6, 0.0)
 
 
 def _required(mapping: dict, key: str, file: Path) -> object:
@@ -171,113 +142,102 @@ def load_fixture_model(directory: Path) -> tuple[Vand, dict[str, dict[str, np.nd
     return vand, arrays, settings
 
 
-def run_checks(directory: str | Path) -> list[Check]:
-    """All comparisons against the fixture in `directory`."""
+def run_checks(directory: str | Path, out: Comparison) -> None:
+    """All comparisons against the fixture in `directory`, printed and tallied by `out`."""
     vand, arrays, settings = load_fixture_model(Path(directory))
     for note in settings.notes:
-        print(f"NOTE {note}")
+        out.note(note)
     inputs, train, zero_shot = arrays["inputs"], arrays["train"], arrays["zero_shot"]
     images = torch.from_numpy(inputs["images"])
     class_names = settings.class_names
     layer_names = "/".join(str(layer) for layer in settings.layers)
-    checks: list[Check] = []
 
-    # Positional embedding resize (the fork's resize_pos_embed).
-    checks.append(compare(f"positional embedding -> {settings.pos_embedding_key}",
-                          vand.clip.visual.positional_embedding,
-                          arrays["pos_embedding"][settings.pos_embedding_key], 1e-6, 1e-6))
-    # Text: prompt ensemble per class, (D, 2) in the reference layout.
-    for name in dict.fromkeys(class_names):
-        checks.append(compare(f"text embeddings [{name}]", vand.text_features(name).T,
-                              arrays["text_prompts"][name], 1e-5, 1e-5))
+    with out.section("positional embedding and text"):
+        # Positional embedding resize (the fork's resize_pos_embed).
+        out.check(f"positional embedding -> {settings.pos_embedding_key}", vand.clip.visual.positional_embedding,
+                  arrays["pos_embedding"][settings.pos_embedding_key], 1e-6, 1e-6)
+        # Text: prompt ensemble per class, (D, 2) in the reference layout.
+        for name in dict.fromkeys(class_names):
+            out.check(f"text embeddings [{name}]", vand.text_features(name).T, arrays["text_prompts"][name],
+                      1e-5, 1e-5)
 
-    # Training: two Adam steps on the same batch from the initial projections.
-    config = VandTrainingConfig()
-    optimizer = torch.optim.Adam(vand.projections.parameters(), lr=config.lr, betas=config.betas)
-    gt = (torch.from_numpy(inputs["img_mask"]).squeeze(1) > 0.5).float()
-    checks.append(compare("binarised mask", gt, train["gt_binarized"], 0, 0))
-    aliased_step1_snapshot = all(
-        np.array_equal(train[f"param_after_step1__{key}"], train[f"param_after_step2__{key}"])
-        for key, _ in vand.projections.named_parameters()
-    )
-    if aliased_step1_snapshot:
-        print("NOTE fixture defect: param_after_step1__* equal param_after_step2__* bit for bit (the driver kept a\n"
-              "     reference to the live parameters, which step 2 then updated in place). The step-1 parameters are\n"
-              "     checked against Adam's first step computed from the fixture's initial values and gradients.")
-    vand.train()
-    for step in (1, 2):
-        output = vand(images, class_names)
-        if step == 1:
-            checks.append(compare("text features per image", vand.batch_text_features(class_names).transpose(1, 2),
-                                  train["text_features"], 1e-5, 1e-5))
-            checks.append(compare("image features (global)", output.image_features, train["image_features"],
-                                  1e-5, 1e-5))
-            checks.append(compare(f"raw tokens, layers {layer_names}", torch.stack(output.layer_tokens),
-                                  train["patch_tokens_raw"], 1e-5, 1e-5))
-            checks.append(compare("projected tokens", torch.stack(output.projected_tokens),
-                                  train["patch_tokens_projected"], 1e-5, 1e-5))
-            checks.append(compare("per-layer softmax maps", torch.stack(output.state_maps),
-                                  train["anomaly_maps_softmax"], 1e-5, 1e-5))
-            per_layer = torch.stack([torch.stack([focal_loss(maps, gt), binary_dice_loss(maps[:, 1], gt)])
-                                     for maps in output.state_maps])
-            checks.append(compare("focal and dice loss per layer", per_layer, train["loss_per_layer_focal_dice"],
-                                  1e-5, 1e-5))
-        loss = sum(focal_loss(maps, gt) + binary_dice_loss(maps[:, 1], gt) for maps in output.state_maps)
-        checks.append(compare(f"loss, step {step}", loss, train["losses"][step - 1], 1e-5, 1e-5))
-        optimizer.zero_grad()
-        loss.backward()
-        if step == 1:
+    with out.section("training steps"):
+        # Training: two Adam steps on the same batch from the initial projections.
+        config = VandTrainingConfig()
+        optimizer = torch.optim.Adam(vand.projections.parameters(), lr=config.lr, betas=config.betas)
+        gt = (torch.from_numpy(inputs["img_mask"]).squeeze(1) > 0.5).float()
+        out.check("binarised mask", gt, train["gt_binarized"], 0, 0)
+        aliased_step1_snapshot = all(
+            np.array_equal(train[f"param_after_step1__{key}"], train[f"param_after_step2__{key}"])
+            for key, _ in vand.projections.named_parameters()
+        )
+        if aliased_step1_snapshot:
+            out.note("fixture defect: param_after_step1__* equal param_after_step2__* bit for bit (the driver kept "
+                     "a reference to the live parameters, which step 2 then updated in place). The step-1 parameters "
+                     "are checked against Adam's first step computed from the fixture's initial values and gradients.")
+        vand.train()
+        for step in (1, 2):
+            output = vand(images, class_names)
+            if step == 1:
+                out.check("text features per image", vand.batch_text_features(class_names).transpose(1, 2),
+                          train["text_features"], 1e-5, 1e-5)
+                out.check("image features (global)", output.image_features, train["image_features"], 1e-5, 1e-5)
+                out.check(f"raw tokens, layers {layer_names}", torch.stack(output.layer_tokens),
+                          train["patch_tokens_raw"], 1e-5, 1e-5)
+                out.check("projected tokens", torch.stack(output.projected_tokens), train["patch_tokens_projected"],
+                          1e-5, 1e-5)
+                out.check("per-layer softmax maps", torch.stack(output.state_maps), train["anomaly_maps_softmax"],
+                          1e-5, 1e-5)
+                per_layer = torch.stack([torch.stack([focal_loss(maps, gt), binary_dice_loss(maps[:, 1], gt)])
+                                         for maps in output.state_maps])
+                out.check("focal and dice loss per layer", per_layer, train["loss_per_layer_focal_dice"], 1e-5, 1e-5)
+            loss = vand.losses(output, gt)
+            out.check(f"loss, step {step}", loss, train["losses"][step - 1], 1e-5, 1e-5)
+            optimizer.zero_grad()
+            loss.backward()
+            if step == 1:
+                for key, parameter in vand.projections.named_parameters():
+                    out.check(f"gradient step 1 [{key}]", parameter.grad, train[f"grad_step1__{key}"], 1e-5, 1e-5)
+            optimizer.step()
             for key, parameter in vand.projections.named_parameters():
-                checks.append(compare(f"gradient step 1 [{key}]", parameter.grad, train[f"grad_step1__{key}"],
-                                      1e-5, 1e-5))
-        optimizer.step()
-        for key, parameter in vand.projections.named_parameters():
-            if step == 1 and aliased_step1_snapshot:
-                # Adam's first step in closed form from the reference's own initial value and gradient.
-                gradient = train[f"grad_step1__{key}"]
-                reference = arrays["linearlayer_init"][key] - config.lr * gradient / (np.abs(gradient) + ADAM_EPS)
-                label = f"parameter after step 1 (Adam closed form) [{key}]"
-            else:
-                reference, label = train[f"param_after_step{step}__{key}"], f"parameter after step {step} [{key}]"
-            checks.append(compare_parameters(label, parameter, reference))
-    vand.eval()
+                if step == 1 and aliased_step1_snapshot:
+                    # Adam's first step in closed form from the reference's own initial value and gradient.
+                    gradient = train[f"grad_step1__{key}"]
+                    reference = arrays["linearlayer_init"][key] - config.lr * gradient / (np.abs(gradient) + ADAM_EPS)
+                    label = f"parameter after step 1 (Adam closed form) [{key}]"
+                else:
+                    reference, label = train[f"param_after_step{step}__{key}"], f"parameter after step {step} [{key}]"
+                compare_parameters(out, label, parameter, reference)
+        vand.eval()
 
-    # Zero-shot test loop, one image per batch as the reference, with the initial projections.
-    vand.projections.load_state_dict({k: torch.from_numpy(v) for k, v in arrays["linearlayer_init"].items()})
-    with torch.no_grad():
-        outputs = [vand(images[i : i + 1], class_names[i : i + 1]) for i in range(len(class_names))]
-        prediction = [vand.predict(images[i : i + 1], class_names[i : i + 1]) for i in range(len(class_names))]
-    checks.append(compare("normalised image features",
-                          torch.cat([torch.nn.functional.normalize(o.image_features, dim=-1) for o in outputs]),
-                          zero_shot["image_features_normed"], 1e-5, 1e-5))
-    checks.append(compare("image score pr_sp", torch.cat([p.image_scores for p in prediction]), zero_shot["pr_sp"],
-                          1e-5, 1e-5))
-    checks.append(compare("anomaly map per layer",
-                          torch.cat([torch.stack([m[:, 1] for m in o.state_maps], dim=1) for o in outputs]),
-                          zero_shot["anomaly_map_per_layer"], 1e-5, 1e-5))
-    checks.append(compare("anomaly map (sum over layers)", torch.cat([p.anomaly_maps for p in prediction]),
-                          zero_shot["anomaly_map"], 1e-5, 1e-5))
-    return checks
+    with out.section("zero-shot test loop"):
+        # Zero-shot test loop, one image per batch as the reference, with the initial projections.
+        vand.projections.load_state_dict({k: torch.from_numpy(v) for k, v in arrays["linearlayer_init"].items()})
+        with torch.no_grad():
+            outputs = [vand(images[i : i + 1], class_names[i : i + 1]) for i in range(len(class_names))]
+            prediction = [vand.predict(images[i : i + 1], class_names[i : i + 1]) for i in range(len(class_names))]
+        out.check("normalised image features",
+                  torch.cat([torch.nn.functional.normalize(o.image_features, dim=-1) for o in outputs]),
+                  zero_shot["image_features_normed"], 1e-5, 1e-5)
+        out.check("image score pr_sp", torch.cat([p.image_scores for p in prediction]), zero_shot["pr_sp"], 1e-5, 1e-5)
+        out.check("anomaly map per layer",
+                  torch.cat([torch.stack([m[:, 1] for m in o.state_maps], dim=1) for o in outputs]),
+                  zero_shot["anomaly_map_per_layer"], 1e-5, 1e-5)
+        out.check("anomaly map (sum over layers)", torch.cat([p.anomaly_maps for p in prediction]),
+                  zero_shot["anomaly_map"], 1e-5, 1e-5)
 
 
 def main(directory: str | Path) -> int:
     """Print every check and a summary; 0 when all pass, 1 otherwise (also for a missing file or key, or when
     nothing was checked)."""
+    out = Comparison()
     try:
-        checks = run_checks(directory)
+        run_checks(directory, out)
     except (FixtureError, KeyError, OSError) as error:
         print(f"ERROR {error}")
         print(f"VAND verification against {directory}: not run")
         return 1
-    for check in checks:
-        print(check.line())
-    if not checks:
-        print(f"VAND verification against {directory}: no checks ran")
-        return 1
-    failed = [check.name for check in checks if not check.passed]
-    print(f"VAND verification against {directory}: {len(checks) - len(failed)}/{len(checks)} checks passed"
-          + (f"; FAILED: {failed}" if failed else ""))
-    return 1 if failed else 0
+    return out.summary()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,158 @@
+"""The papers' protocols as data (`protocols.yaml`): training and test sets, tables, reported metrics, names.
+
+    >>> anomalyclip = protocol("anomalyclip")
+    >>> anomalyclip.runs[0], published_dataset_name("mvtec"), domain("synth-target")
+    (('visa', ('mvtec',)), 'MVTec AD', 'industrial')
+
+`paper_tables` shapes a tidy results frame into a paper's tables; `beside_published` puts its class means next to
+the published numbers under the names the paper prints.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from zsadkit.metrics.evaluator import PRO_METRICS
+from zsadkit.results import KEY_COLUMNS, compare_with_published, published_rows
+
+__all__ = [
+    "Protocol",
+    "beside_published",
+    "domain",
+    "paper_tables",
+    "protocol",
+    "published_dataset_name",
+    "published_method_name",
+    "reported",
+]
+
+PROTOCOLS_FILE = Path(__file__).with_name("protocols.yaml")
+Runs = tuple[tuple[str, tuple[str, ...]], ...]
+
+
+@cache
+def _data() -> dict:
+    return yaml.safe_load(PROTOCOLS_FILE.read_text())
+
+
+def _runs(raw: Sequence) -> Runs:
+    return tuple((str(train), tuple(str(test) for test in tests)) for train, tests in raw)
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """One paper's protocol.
+
+    Attributes:
+        paper: its name in `protocols.yaml`.
+        runs: (auxiliary training set, test sets) pairs of the main tables.
+        smoke_runs: the same on the synthetic data of the smoke profile.
+        ablation_runs: the runs of the ablation tables.
+        metrics: (level, metric) pairs the tables report; "pro" is the run's AU-PRO variant.
+        tables: table file stem → domain of the datasets it holds.
+        published: the `results/published/` table of its main numbers.
+    """
+
+    paper: str
+    runs: Runs
+    smoke_runs: Runs
+    ablation_runs: Runs
+    metrics: tuple[tuple[str, str], ...]
+    tables: Mapping[str, str]
+    published: str
+
+    def runs_for(self, data_root: str, ablation: bool = False) -> list[list]:
+        """The runs of a notebook as [train set, [test sets]] lists: the synthetic ones without a data root."""
+        runs = self.smoke_runs if not data_root else self.ablation_runs if ablation else self.runs
+        return [[train, list(tests)] for train, tests in runs]
+
+
+def protocol(paper: str) -> Protocol:
+    """The protocol of `paper` ("anomalyclip", ...); an unknown name lists the known ones."""
+    papers = _data()["papers"]
+    if paper not in papers:
+        raise KeyError(f"no protocol for {paper!r} in {PROTOCOLS_FILE}; known: {sorted(papers)}")
+    raw = papers[paper]
+    return Protocol(paper, _runs(raw["runs"]), _runs(raw.get("smoke_runs", [])), _runs(raw.get("ablation_runs", [])),
+                    tuple((level, metric) for level, metric in raw["metrics"]), dict(raw["tables"]),
+                    raw["published"])
+
+
+def published_dataset_name(dataset: str) -> str:
+    """The name a paper prints for our dataset name (unchanged when no paper uses it, e.g. "synth-target")."""
+    return _data()["dataset_names"].get(dataset, dataset)
+
+
+def published_method_name(method: str) -> str:
+    """The name a paper prints for our method name (unchanged when not listed, e.g. an ablation variant)."""
+    return _data()["method_names"].get(method, method)
+
+
+def domain(dataset: str) -> str:
+    """"industrial" or "medical"; a dataset no table lists is an error naming the file to extend."""
+    for name, members in _data()["domains"].items():
+        if dataset in members:
+            return name
+    raise KeyError(f"dataset {dataset!r} has no domain in {PROTOCOLS_FILE} (`domains:`)")
+
+
+def reported(results: pd.DataFrame, paper: str, pro: str | None = "cflow200") -> pd.DataFrame:
+    """The rows of the (level, metric) pairs `paper`'s tables report, with "pro" read as `pro`'s AU-PRO metric."""
+    pairs = set()
+    for level, metric in protocol(paper).metrics:
+        pairs.update((level, name) for name in PRO_METRICS[pro]) if metric == "pro" else pairs.add((level, metric))
+    keep = [(level, metric) in pairs for level, metric in zip(results.level, results.metric, strict=True)]
+    return results[keep]
+
+
+def paper_tables(results: pd.DataFrame, paper: str, pro: str | None = "cflow200") -> dict[str, pd.DataFrame]:
+    """`results` shaped into `paper`'s tables: table file stem → the reported rows of that table's datasets."""
+    rows = reported(results, paper, pro)
+    domains = rows.dataset.map(domain)
+    return {table: rows[domains == table_domain] for table, table_domain in protocol(paper).tables.items()}
+
+
+def beside_published(
+    results: pd.DataFrame,
+    paper: str,
+    *,
+    pro: str | None = "cflow200",
+    source: str | None = None,
+    method_column: str = "method",
+    on: Sequence[str] = KEY_COLUMNS,
+    published_filters: Mapping[str, Sequence] | None = None,
+    only_our_methods: bool = True,
+    reported_only: bool = True,
+) -> pd.DataFrame:
+    """Our class means of the reported metrics beside the published numbers (percent), with the difference.
+
+    Args:
+        results: tidy rows (a `method_column` column names the method or variant).
+        paper: whose metrics and names.
+        pro: the AU-PRO variant of the run.
+        source: the published table (`results/published/<source>.csv`; default the paper's main table).
+        method_column: the column naming what is compared (e.g. "variant" for ablations).
+        on: join columns present on both sides (the key columns, plus e.g. "table" or "shots").
+        published_filters: {column: allowed values} applied to the published rows.
+        only_our_methods: keep published rows of the methods we ran only (else all, e.g. every variant).
+        reported_only: compare the metrics `paper`'s tables report only (else every metric of `results`).
+
+    Returns:
+        `zsadkit.results.compare_with_published` on `on`.
+    """
+    means = reported(results, paper, pro) if reported_only else results
+    means = means[means.class_name == "mean"]
+    ours = means.assign(method=means[method_column].map(published_method_name),
+                        dataset=means.dataset.map(published_dataset_name))
+    published = published_rows(source or protocol(paper).published)
+    for column, allowed in (published_filters or {}).items():
+        published = published[published[column].isin(list(allowed))]
+    if only_our_methods:
+        published = published[published.method.isin(set(ours.method))]
+    return compare_with_published(ours, published, on=list(on))
