@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
 
+from zsadkit.metrics.aupimo import AUPIMO_FPR_BOUNDS, aupimo, check_fpr_bounds
 from zsadkit.metrics.pro import cflow200_aupro, exact_aupro
 from zsadkit.metrics.ranking import auroc, average_precision, max_f1
 from zsadkit.metrics.scores import PixelScores, RankedScores
@@ -73,12 +74,36 @@ class _FrameStore:
         return stack
 
 
+@dataclass(frozen=True)
+class ClassSamples:
+    """One class's per-image data as the Evaluator received it: the input of `zsadkit.stats`' bootstrap.
+
+    Attributes:
+        dataset: dataset name.
+        class_name: class name.
+        sample_ids: (N,) names of the images (the `sample_ids` given to `update`, else "#<running index>").
+        labels: (N,) bool, True = anomalous.
+        scores: (N,) image scores.
+        masks: (N, H, W) bool ground truth, or None (image-level data, or samples kept after the class).
+        maps: (N, H, W) anomaly maps, or None.
+    """
+
+    dataset: str
+    class_name: str
+    sample_ids: np.ndarray
+    labels: np.ndarray
+    scores: np.ndarray
+    masks: np.ndarray | None = None
+    maps: np.ndarray | None = None
+
+
 @dataclass
 class _ClassBuffer:
     """Everything received for one class that its metrics still need."""
 
     labels: list[np.ndarray] = field(default_factory=list)
     scores: list[np.ndarray] = field(default_factory=list)
+    sample_ids: list[str] = field(default_factory=list)
     masks: _FrameStore | None = None
     maps: _FrameStore | None = None
     has_pixels: bool | None = None  # set by the first batch; every batch of a class must agree
@@ -105,6 +130,13 @@ class Evaluator:
         streaming: compute a class as soon as a batch brings a different class (classes must then arrive
             grouped; a class that comes back after that is an error).
         workdir: folder for the temporary files of storage="disk" (default: the system temporary folder).
+        aupimo: add the pixel metric "aupimo" (`zsadkit.metrics.aupimo`, mean over the anomalous images).
+        aupimo_fpr_bounds: its FPR integration range (L, U).
+        keep_samples: keep every class's image labels, scores and sample ids after its rows are computed, for
+            `samples()` (a bootstrap of the image metrics then needs no second pass).
+        class_hook: called with each class's `ClassSamples`, masks and maps included, once its rows are
+            computed and before its maps are freed (e.g. to bootstrap the pixel metrics in the same pass); the
+            class's maps then stay in memory next to its sorted pixels, about twice the memory of one class.
     """
 
     def __init__(
@@ -115,6 +147,10 @@ class Evaluator:
         storage: Literal["disk", "memory"] = "disk",
         streaming: bool = False,
         workdir: str | Path | None = None,
+        aupimo: bool = False,
+        aupimo_fpr_bounds: tuple[float, float] = AUPIMO_FPR_BOUNDS,
+        keep_samples: bool = False,
+        class_hook: Callable[[ClassSamples], None] | None = None,
     ) -> None:
         if pro not in PRO_METRICS:
             raise ValueError(f"pro must be one of {list(PRO_METRICS)}, got {pro!r}")
@@ -124,6 +160,9 @@ class Evaluator:
             raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
         self.dataset, self.pro, self.fpr_limit = dataset, pro, fpr_limit
         self.storage, self.streaming = storage, streaming
+        self.aupimo, self.aupimo_fpr_bounds = aupimo, check_fpr_bounds(aupimo_fpr_bounds)
+        self.keep_samples, self.class_hook = keep_samples, class_hook
+        self._kept: list[ClassSamples] = []
         self._tempdir = (
             tempfile.TemporaryDirectory(prefix="zsadkit-eval-", dir=workdir) if storage == "disk" else None
         )
@@ -189,6 +228,7 @@ class Evaluator:
             buffer = self._pending.setdefault(class_name, _ClassBuffer())
             buffer.labels.append(label_array[rows].copy())
             buffer.scores.append(score_array[rows].copy())
+            buffer.sample_ids.extend(names[rows])
             self._add_frames(class_name, buffer, mask_array, map_array, rows, names)
         self._n_samples += batch_size
 
@@ -258,6 +298,27 @@ class Evaluator:
         ).astype({"value": float})
         return pd.concat([class_rows, self._mean_rows(class_rows)], ignore_index=True)
 
+    def samples(self) -> pd.DataFrame:
+        """Image scores of the computed classes (needs keep_samples=True).
+
+        Returns:
+            Columns dataset, class_name, sample_id, label (0/1), score; one row per image, classes in the order
+            they were computed.
+        """
+        if not self.keep_samples:
+            raise ValueError("samples() needs Evaluator(keep_samples=True)")
+        return pd.DataFrame(
+            {
+                "dataset": self.dataset,
+                "class_name": np.concatenate([[kept.class_name] * kept.labels.size for kept in self._kept]),
+                "sample_id": np.concatenate([kept.sample_ids for kept in self._kept]),
+                "label": np.concatenate([kept.labels for kept in self._kept]).astype(int),
+                "score": np.concatenate([kept.scores for kept in self._kept]),
+            }
+            if self._kept
+            else {column: [] for column in ["dataset", "class_name", "sample_id", "label", "score"]}
+        )
+
     def close(self) -> None:
         """Delete the temporary files of classes not computed yet."""
         if self._tempdir is not None:
@@ -285,9 +346,19 @@ class Evaluator:
             row("image", "ap", _evaluate(average_precision, images)),
             row("image", "f1_max", _evaluate(max_f1, images)),
         ]
+        samples = ClassSamples(
+            self.dataset, class_name, np.array(buffer.sample_ids, dtype=str), labels, scores
+        )
         if buffer.maps is not None and buffer.masks is not None:
             masks, maps = buffer.masks.read_and_release(), buffer.maps.read_and_release()
+            aupimo_rows = (
+                [row("pixel", "aupimo", _evaluate(aupimo, masks, maps, self.aupimo_fpr_bounds))]
+                if self.aupimo
+                else []
+            )
             pixels = PixelScores.from_maps(masks, maps)
+            if self.class_hook is not None:
+                samples = replace(samples, masks=masks, maps=maps)
             del masks, maps
             rows += [
                 row("pixel", "auroc", _evaluate(auroc, pixels.ranked)),
@@ -299,6 +370,11 @@ class Evaluator:
                     rows.append(row("pixel", metric, _evaluate(exact_aupro, pixels, self.fpr_limit)))
                 else:
                     rows.append(row("pixel", metric, _evaluate(cflow200_aupro, pixels)))
+            rows += aupimo_rows
+        if self.class_hook is not None:
+            self.class_hook(samples)
+        if self.keep_samples:
+            self._kept.append(ClassSamples(self.dataset, class_name, samples.sample_ids, labels, scores))
         return rows
 
     def _row_key(self, class_name: str, level: str, metric: str) -> dict:

@@ -70,7 +70,7 @@ class PixelScores:
         Regions are the 8-connected components of each mask (the MVTec AD definition, also skimage's default
         for 2-D labels); they are numbered across the stack in raster order, frame after frame.
         """
-        labels, _ = ndimage.label(masks, structure=_IN_FRAME_8_CONNECTED)
+        labels = label_regions(masks)
         region_ids = labels[masks] - 1
         del labels
         anomalous = maps[masks]
@@ -86,3 +86,13 @@ class PixelScores:
     @property
     def n_regions(self) -> int:
         return int(self.region_areas.size)
+
+
+def label_regions(masks: np.ndarray) -> np.ndarray:
+    """(N, H, W) region number of each pixel of `masks` (N, H, W) bool, 0 outside the masks.
+
+    Regions are the 8-connected components of each frame, numbered 1, 2, ... across the stack in raster
+    order, frame after frame.
+    """
+    labels, _ = ndimage.label(masks, structure=_IN_FRAME_8_CONNECTED)
+    return labels
