@@ -23,7 +23,8 @@
 #   no deep prompts, nothing trained): the closest analogue of the paper's hand-crafted CLIP prompts.
 # * **T3 textual prompt tuning**: the deep prompts (`deep_depth` 9 vs 1).
 # * **T4 multi-layer features**: as the released code computes it. The published multi-layer numbers were
-#   produced by four aliased copies of the layer-24 tokens (spec §2), which equals layer 24 with λ = 4; "without
+#   produced by four aliased copies of the layer-24 tokens (issues #18, #64 of the official repository), which
+#   equals layer 24 with λ = 4; "without
 #   T4" is layer 24 with λ = 1. The genuinely multi-layer post-fix setting is Fig. 8's N sweep.
 # * Table 10 / Fig. 6 "Q-K" is the Q-K attention in the DPAM side-stream architecture (no MLP), so that it can
 #   be ensembled with the other variants (the logits of the variants are averaged, Appendix).

@@ -24,6 +24,12 @@ from zsadkit.data.errors import DataError
 from zsadkit.data.from_folder import manifest_from_folder
 from zsadkit.data.prepare import prepare_dataset
 
+__all__ = [
+    "add_data_commands",
+    "build_parser",
+    "main",
+]
+
 
 def _data_list(args: argparse.Namespace) -> int:
     for name in available_datasets():

@@ -28,6 +28,11 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+__all__ = [
+    "binary_dice_loss",
+    "focal_loss",
+]
+
 
 def focal_loss(
     probs: torch.Tensor,

@@ -6,7 +6,8 @@ A prompt for state s (normal, abnormal, ...) and class name c is the token seque
 
 whose E placeholder words ("X") are replaced by learnable context vectors V^s (Eq. 2/3 of AnomalyCLIP). The
 text encoder additionally receives `depth − 1` deep prompts of `length` tokens each, shared by all prompts,
-which overwrite tokens 1..length before text layers 2..depth (spec §3, "prefix overwriting").
+which overwrite tokens 1..length before text layers 2..depth ("prefix overwriting": AnomalyCLIP @ 45ed4dd,
+`AnomalyCLIP_lib/AnomalyCLIP.py:208-246`; issues #21, #75).
 
 Options:
     * `class_token="object"` gives AnomalyCLIP's object-agnostic prompts; `class_token=None` puts each
@@ -35,6 +36,14 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+__all__ = [
+    "default_tokenizer",
+    "LearnedPrompts",
+    "PLACEHOLDER_WORD",
+    "PromptLearner",
+    "PromptLearnerConfig",
+]
 
 PLACEHOLDER_WORD = "X"
 

@@ -15,7 +15,7 @@ Ensembles (`PROMPT_ENSEMBLES`):
     "vand": VAND/April-GAN (Chen et al. 2023): 7 normal × 5 anomalous states (WinCLIP's + "broken {}") × 35
         templates (30 CLIP ImageNet templates + 5 scene templates) = 245 + 175 sentences.
 
-Averaging (baselines spec §0): VAND, mala-lab WinCLIP and InCTRL L2-normalise each sentence embedding before
+Averaging: VAND (VAND-APRIL-GAN @ f13b8a6, `prompt_ensemble.py:25-27`), mala-lab WinCLIP and InCTRL L2-normalise each sentence embedding before
 the mean (``normalize_prompts=True``, the default); anomalib averages the raw embeddings
 (``normalize_prompts=False``). Either way the result is re-normalised, which leaves every cosine unchanged.
 
@@ -37,6 +37,26 @@ import torch.nn.functional as F
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 
 from zsadkit.models import TextEncoder, tokenize
+
+__all__ = [
+    "class_phrase",
+    "class_text_features",
+    "ClassTextFeatures",
+    "CLIP_IMAGENET_TEMPLATES",
+    "encode_sentences",
+    "ensemble_text_features",
+    "prompt_ensemble",
+    "PROMPT_ENSEMBLES",
+    "PromptEnsemble",
+    "STATES",
+    "VAND_ANOMALOUS_STATES",
+    "VAND_NORMAL_STATES",
+    "VAND_TEMPLATES",
+    "WINCLIP_ANOMALOUS_STATES",
+    "WINCLIP_NORMAL_STATES",
+    "WINCLIP_TEMPLATES",
+    "WINCLIP_TEMPLATES_21",
+]
 
 State = Literal["normal", "anomalous"]
 STATES: tuple[State, State] = ("normal", "anomalous")

@@ -26,6 +26,19 @@ import yaml
 from zsadkit.experiment import PROFILES
 from zsadkit.paths import REGISTRY_FILE, results_dir
 
+__all__ = [
+    "DEFAULT_REGISTRY",
+    "is_complete",
+    "load_registry",
+    "main",
+    "notebook_parameters",
+    "NotebookEntry",
+    "Outcome",
+    "reproduce",
+    "run_notebook",
+    "summary",
+]
+
 DEFAULT_REGISTRY = REGISTRY_FILE
 
 

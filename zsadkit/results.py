@@ -24,6 +24,21 @@ import pandas as pd
 import zsadkit
 from zsadkit.paths import PACKAGE_ROOT, PUBLISHED_DIR
 
+__all__ = [
+    "code_commit",
+    "compare_with_published",
+    "KEY_COLUMNS",
+    "load_published",
+    "Provenance",
+    "PROVENANCE_COLUMNS",
+    "PUBLISHED_METRIC_NAMES",
+    "published_rows",
+    "read_results",
+    "RESULT_COLUMNS",
+    "tidy",
+    "write_results",
+]
+
 KEY_COLUMNS = ("method", "dataset", "class_name", "level", "metric")
 PROVENANCE_COLUMNS = (
     "backbone", "weights", "image_size", "train_set", "shots", "backbone_seed", "train_seed", "checkpoint",

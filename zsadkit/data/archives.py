@@ -23,6 +23,16 @@ from tqdm.auto import tqdm
 
 from zsadkit.data.errors import DataError
 
+__all__ = [
+    "ARCHIVE_SUFFIXES",
+    "ChecksumError",
+    "download",
+    "safe_extract",
+    "sha256_of",
+    "UnsafeArchiveError",
+    "verify_sha256",
+]
+
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.xz", ".txz", ".tar.bz2", ".tbz2", ".zip")
 _CHUNK = 1 << 20
 

@@ -24,6 +24,20 @@ from zsadkit.data.dataset_spec import DatasetSpec, count_by_class, count_table, 
 from zsadkit.data.errors import DataError
 from zsadkit.data.records import SPLITS, Sample, read_manifest
 
+__all__ = [
+    "available_datasets",
+    "dataset_status",
+    "get_dataset_spec",
+    "load_dataset",
+    "manifest_path",
+    "manifests_dir",
+    "MANIFESTS_ENV",
+    "protocol_status",
+    "ProtocolStatus",
+    "provenance_path",
+    "REPOSITORY_MANIFESTS",
+]
+
 MANIFESTS_ENV = "ZSADKIT_DATA_MANIFESTS"
 REPOSITORY_MANIFESTS = Path(__file__).resolve().parents[2] / "data_manifests"
 

@@ -47,6 +47,22 @@ import yaml
 from zsadkit.data.errors import DataError
 from zsadkit.data.records import Sample
 
+__all__ = [
+    "ArchiveSpec",
+    "count_by_class",
+    "count_table",
+    "CountSpec",
+    "DatasetSpec",
+    "LayoutSpec",
+    "load_dataset_spec",
+    "ManifestSpecError",
+    "NAME_PATTERN",
+    "parse_count_spec",
+    "parse_dataset_spec",
+    "ProtocolSpec",
+    "SelectSpec",
+]
+
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_]*$")
 Counts = tuple[int, int]
 

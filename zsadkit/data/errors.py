@@ -5,6 +5,13 @@ All of them are `ValueError`s, so callers that only care about "bad input" can c
 
 from __future__ import annotations
 
+__all__ = [
+    "DataError",
+    "ImageReadError",
+    "LayoutError",
+    "MaskError",
+]
+
 
 class DataError(ValueError):
     """Base class of every bad-input error of `zsadkit.data`."""

@@ -24,6 +24,11 @@ from zsadkit.data.images import visible_entries
 from zsadkit.data.layouts import images_in
 from zsadkit.data.records import Sample, write_manifest
 
+__all__ = [
+    "KNOWN_DIRS",
+    "manifest_from_folder",
+]
+
 NORMAL_DIR, ANOMALOUS_DIR, MASK_DIR = "good", "bad", "masks"
 KNOWN_DIRS = (NORMAL_DIR, ANOMALOUS_DIR, MASK_DIR)
 

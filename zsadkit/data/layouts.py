@@ -37,6 +37,40 @@ from zsadkit.data.errors import LayoutError, MaskError
 from zsadkit.data.images import is_image_file, read_image, visible_entries
 from zsadkit.data.mvtec import read_mvtec
 
+__all__ = [
+    "AitexParams",
+    "BmadParams",
+    "check_no_orphan_masks",
+    "ClassFoldersParams",
+    "Conversion",
+    "convert_aitex",
+    "convert_bmad",
+    "convert_class_folders",
+    "convert_dagm",
+    "convert_images_and_masks",
+    "convert_labelled_folders",
+    "convert_labels_table",
+    "convert_mvtec_like",
+    "convert_sdd_kos",
+    "convert_visa_csv",
+    "CONVERTERS",
+    "DagmParams",
+    "find_mask",
+    "image_size",
+    "images_in",
+    "ImagesAndMasksParams",
+    "LabelledFoldersParams",
+    "LabelsTableParams",
+    "mask_is_empty",
+    "MvtecLikeParams",
+    "parse_cell",
+    "RawSample",
+    "register_converter",
+    "run_converter",
+    "SddKosParams",
+    "VisaCsvParams",
+]
+
 Box = tuple[int, int, int, int]
 
 

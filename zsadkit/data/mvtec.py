@@ -27,6 +27,11 @@ from zsadkit.data.errors import LayoutError, MaskError
 from zsadkit.data.images import is_image_file, visible_entries
 from zsadkit.data.records import SPLITS, Sample
 
+__all__ = [
+    "CLASS_MARKERS",
+    "read_mvtec",
+]
+
 CLASS_MARKERS = ("train", "test", "ground_truth")
 
 

@@ -54,6 +54,22 @@ from zsadkit.data.images import check_mask_matches_image, read_image
 from zsadkit.data.layouts import RawSample, run_converter
 from zsadkit.data.records import Sample, read_manifest, write_manifest
 
+__all__ = [
+    "build_layout",
+    "check_protocol",
+    "CountMismatchError",
+    "COUNTS_OVERRIDE_SOURCE",
+    "find_layout_root",
+    "layout_fingerprint",
+    "LAYOUT_FORMAT_VERSION",
+    "locate_layout",
+    "MAX_SEARCH_DEPTH",
+    "prepare_dataset",
+    "PreparedProtocol",
+    "select_protocol",
+    "write_canonical",
+]
+
 LAYOUT_FORMAT_VERSION = 1
 MAX_SEARCH_DEPTH = 4
 Log = Callable[[str], None]

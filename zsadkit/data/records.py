@@ -20,6 +20,15 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
+__all__ = [
+    "MANIFEST_COLUMNS",
+    "read_manifest",
+    "Sample",
+    "samples_fingerprint",
+    "SPLITS",
+    "write_manifest",
+]
+
 SPLITS = ("train", "test")
 MANIFEST_COLUMNS = ("image", "mask", "label", "class_name", "defect", "dataset", "split")
 

@@ -37,6 +37,19 @@ from PIL import Image, ImageDraw
 
 from zsadkit.data.errors import LayoutError
 
+__all__ = [
+    "add_defect",
+    "AUX_DATASET",
+    "DEFECT_PAINTERS",
+    "DEFECTS",
+    "GENERATOR_VERSION",
+    "make_synthetic",
+    "STAMP_NAME",
+    "SYNTHETIC_CLASSES",
+    "SyntheticConfig",
+    "TARGET_DATASET",
+]
+
 GENERATOR_VERSION = 1
 STAMP_NAME = "synthetic.json"
 AUX_DATASET = "synth-aux"

@@ -30,6 +30,17 @@ import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
 
+__all__ = [
+    "image_transform",
+    "ImageTransform",
+    "mask_transform",
+    "MaskTransform",
+    "OPENAI_MEAN",
+    "OPENAI_STD",
+    "pil_to_tensor",
+    "resize_square",
+]
+
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 

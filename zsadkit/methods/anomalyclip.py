@@ -15,10 +15,18 @@ checks this file against the reference's outputs.
   `ln_post`** (reference, issue #14).
 * Eq. 1: P(g, f) = softmax(⟨f, g⟩ / τ) with τ = 0.07 for the image score and for every patch.
 * Sec. 3.4, Eq. 4: L_total = L_global + λ Σ_layers L_local, L_local = Focal([S_n, S_a], S) + Dice(S_a, S)
-  + Dice(S_n, 1 − S); the released code uses layer 24 only with **λ = 4** (spec §2: the multi-layer setting
+  + Dice(S_n, 1 − S); the released code uses layer 24 only with **λ = 4** (`train.py:50`, `train.sh`; the multi-layer setting
   of the paper was an aliasing bug; [6, 12, 18, 24] with λ = 1 in the paper is equivalent to 4× layer 24).
 * Inference: image score = P(g_a, f_global) (no pixel-max fusion); anomaly map = Σ_layers
-  (S_a + 1 − S_n)/2 upsampled bilinearly, then a Gaussian filter with σ = 4.
+  (S_a + 1 − S_n)/2 upsampled bilinearly, then a Gaussian filter with σ = 4 (`test.py:94-111`).
+
+How the prompts are trained (data, optimiser, the feature cache) is `zsadkit.recipes.anomalyclip`.
+
+Deviations of ours (none changes a value beyond float rounding):
+* Test-time text features are computed once per class list and kept until `refresh_text_features` (the
+  reference recomputes them per batch; they do not depend on the image).
+* `crop_text_after_eot`: the text tower runs on tokens 0..EOT only (exact under the causal mask).
+* The image tower runs batched (the reference tests at batch 1).
 
 Example:
     >>> from zsadkit.models import load_clip
@@ -86,7 +94,7 @@ class AnomalyCLIPConfig:
 
     Attributes:
         feature_layers: 1-indexed vision layers whose tokens give local features. Reference: (24,).
-            (6, 12, 18, 24) is the post-fix multi-layer setting, not the paper's (spec §2).
+            (6, 12, 18, 24) is the post-fix multi-layer setting, not the paper's (issues #18, #64, #82).
         dpam_first_layer: first vision layer with the DPAM side stream (reference `DPAM_layer=20` → 6 of 24);
             None = no DPAM (plain Q-K tokens; Table 4 "base", Table 7 "w/o T1").
         dpam_variants: attention of the side stream: ("vv",) (default), or several variants whose logits are

@@ -26,7 +26,7 @@ WinCLIP+ (Sec. 4.3, K normal references, `fit_references`):
    per window scale, identity for the patch scale; M_W = arithmetic mean over the 3 scales.
 8. Image score: ½·(ascore₀ + max M_W). Pixel map: ½·(zero-shot map + M_W) (anomalib) or the sum (zqhang).
 
-Variants (`WINCLIP_PROFILES`, the spec's recommendation as default):
+Variants (`WINCLIP_PROFILES`; the default is mala-lab's, the implementation InCTRL's WinCLIP+ numbers come from):
 
 ============  ===========  =====  =================  ===============
 profile       templates    τ      prompt averaging   few-shot map
@@ -72,7 +72,7 @@ WINCLIP_PROFILES: dict[str, dict] = {
 
 @dataclass(frozen=True)
 class WinClipConfig:
-    """Options of WinCLIP (defaults: the "mala" profile, the spec's recommendation).
+    """Options of WinCLIP (defaults: the "mala" profile).
 
     Attributes:
         prompts: "winclip" (22 templates) or "winclip-21" (anomalib/zqhang list).

@@ -29,6 +29,15 @@ from zsadkit.metrics.ranking import auroc, average_precision, max_f1
 from zsadkit.metrics.scores import PixelScores, RankedScores
 from zsadkit.metrics.validation import UndefinedMetricError, image_inputs, pixel_inputs
 
+__all__ = [
+    "ClassSamples",
+    "Evaluator",
+    "mad",
+    "MEAN_CLASS_NAME",
+    "PRO_METRICS",
+    "ROW_COLUMNS",
+]
+
 ProVariant = Literal["cflow200", "exact", "both"]
 PRO_METRICS: dict[str | None, tuple[str, ...]] = {
     "cflow200": ("aupro_cflow200",),

@@ -27,6 +27,15 @@ from sklearn.metrics import auc
 from zsadkit.metrics.scores import PixelScores
 from zsadkit.metrics.validation import UndefinedMetricError, pixel_inputs
 
+__all__ = [
+    "aupro",
+    "aupro_cflow200",
+    "cflow200_aupro",
+    "CFLOW_MAX_FPR",
+    "CFLOW_STEPS",
+    "exact_aupro",
+]
+
 CFLOW_STEPS = 200
 CFLOW_MAX_FPR = 0.3
 

@@ -15,6 +15,18 @@ import numpy as np
 from zsadkit.metrics.scores import RankedScores
 from zsadkit.metrics.validation import image_inputs, pixel_inputs
 
+__all__ = [
+    "auroc",
+    "average_precision",
+    "f1_max",
+    "image_ap",
+    "image_auroc",
+    "max_f1",
+    "pixel_ap",
+    "pixel_auroc",
+    "pixel_f1_max",
+]
+
 
 def auroc(ranked: RankedScores) -> float:
     """Area under the ROC curve: P(anomalous score > normal score) + P(tie) / 2, counted exactly."""

@@ -14,6 +14,12 @@ from scipy import ndimage
 
 from zsadkit.metrics.validation import UndefinedMetricError
 
+__all__ = [
+    "label_regions",
+    "PixelScores",
+    "RankedScores",
+]
+
 # 8-connectivity inside each (H, W) frame of an (N, H, W) stack, no connection between frames.
 _IN_FRAME_8_CONNECTED = np.zeros((3, 3, 3), dtype=bool)
 _IN_FRAME_8_CONNECTED[1] = True

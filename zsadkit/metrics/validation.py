@@ -12,6 +12,13 @@ from typing import Any
 
 import numpy as np
 
+__all__ = [
+    "as_numpy",
+    "image_inputs",
+    "pixel_inputs",
+    "UndefinedMetricError",
+]
+
 
 class UndefinedMetricError(ValueError):
     """The metric has no value on this input (for example, only normal images); the message says why."""

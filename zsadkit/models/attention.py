@@ -5,7 +5,8 @@ piece"):
 
 * ``"qk"``: the usual softmax(q kᵀ s) v.
 * ``"qq"``, ``"kk"``, ``"vv"``: the diagonally prominent variants softmax(q qᵀ s) v, softmax(k kᵀ s) v,
-  softmax(v vᵀ s) v (DPAM, AnomalyCLIP §3.3 / spec §2). q, k, v include their in-projection biases and
+  softmax(v vᵀ s) v (DPAM, AnomalyCLIP Sec. 3.3; `AnomalyCLIP_lib/AnomalyCLIP.py:58-80` @ 45ed4dd). q, k, v include
+  their in-projection biases and
   the temperature s = (W/H)^-1/2 is the usual one.
 
 A tuple of modes averages their per-head outputs (e.g. the paper's V-V + Q-Q ablation). Since ``out_proj`` is
@@ -24,6 +25,15 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+__all__ = [
+    "ATTENTION_MODES",
+    "check_modes",
+    "head_attention",
+    "merge_heads",
+    "project_qkv",
+    "weight_heads",
+]
 
 AttentionMode = Literal["qk", "qq", "kk", "vv"]
 ATTENTION_MODES: tuple[str, ...] = ("qk", "qq", "kk", "vv")
@@ -71,7 +81,8 @@ def head_attention(
         q, k, v: (B, H, N, Dh).
         modes: attention variants to average, from ``("qk", "qq", "kk", "vv")``.
         attn_mask: optional additive mask (N, N), e.g. the causal text mask.
-        batch_mixing: reproduce AA-CLIP's layout bug (aaclip spec §4.3): each token position attends over the
+        batch_mixing: reproduce AA-CLIP's layout bug (@ 53db195, `model/transformer.py:140`: its V-V attention runs on
+            (N, B, C) tokens as if they were (B, N, C)): each token position attends over the
             same position in the *other images of the batch* instead of over its own image's tokens.
 
     Returns:

@@ -1,7 +1,8 @@
 """One loader for CLIP: open_clip name + tag, a local checkpoint, an in-memory state dict, or a tiny random model.
 
 Every path returns an open_clip ``CLIP`` model in float32 eval mode whose positional embedding has been resized
-once for the requested input side (AnomalyCLIP spec §1). Which weights were loaded is recorded in
+once for the requested input side (as AnomalyCLIP's `VisionTransformer.forward` does on its first call,
+`AnomalyCLIP_lib/AnomalyCLIP.py:368` @ 45ed4dd). Which weights were loaded is recorded in
 ``model.zsad_source`` (a `ClipSource`) so result tables can say what produced them.
 
 Checkpoint formats (``checkpoint=``):
@@ -33,6 +34,19 @@ from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 from torch import nn
 
 from zsadkit.models.pos_embed import POS_EMBED_RESIZE_METHODS, PosEmbedResize, set_visual_image_size
+
+__all__ = [
+    "build_clip_from_openai_state_dict",
+    "BUILTIN_RANDOM_MODELS",
+    "ClipSource",
+    "CONFIG_DIR",
+    "load_backbone",
+    "load_clip",
+    "module_fingerprint",
+    "PretrainedWeightsUnavailableError",
+    "read_checkpoint",
+    "WEIGHT_FILE_SUFFIXES",
+]
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 open_clip.add_model_config(CONFIG_DIR)
@@ -139,7 +153,7 @@ def build_clip_from_openai_state_dict(
 ) -> CLIP:
     """Build a float32 open_clip ``CLIP`` whose architecture is inferred from an OpenAI-format ViT state dict.
 
-    Follows the reference ``build_model`` (AnomalyCLIP spec §1): widths, layers, patch, grid, embed dim and
+    Follows the reference ``build_model`` (AnomalyCLIP `AnomalyCLIP_lib/build_model.py:5-27` @ 45ed4dd): widths, layers, patch, grid, embed dim and
     context length from tensor shapes; **heads = width // 64 for both towers** unless overridden. Unlike
     ``open_clip.model.build_model_from_openai_state_dict`` the weights are never cast to fp16 (the references
     run fp32), so float32 state dicts keep their exact values.

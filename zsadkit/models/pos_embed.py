@@ -3,7 +3,7 @@
 Two interpolations are offered, both keeping the class-token row unchanged:
 
 * ``"bilinear"`` (default): ``F.interpolate(mode="bilinear", align_corners=False)`` without antialias.
-  This is what AnomalyCLIP's and AA-CLIP's reference code do (AnomalyCLIP spec §1).
+  This is what AnomalyCLIP's reference code does (`AnomalyCLIP_lib/AnomalyCLIP.py:368` @ 45ed4dd).
 * ``"open_clip"``: open_clip's own ``resize_pos_embed`` (bicubic, ``antialias=True``), used by
   VAND/April-GAN's forked factory. It gives different numbers from ``"bilinear"``.
 """
@@ -16,6 +16,12 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+__all__ = [
+    "POS_EMBED_RESIZE_METHODS",
+    "resize_position_embedding",
+    "set_visual_image_size",
+]
 
 PosEmbedResize = Literal["bilinear", "open_clip"]
 POS_EMBED_RESIZE_METHODS: tuple[str, ...] = ("bilinear", "open_clip")

@@ -5,8 +5,8 @@
 * `TextEncoder.encode_tokens`: token ids → features; equals open_clip's ``encode_text`` (baselines, CLIP-AC,
   WinCLIP, VAND prompt ensembles).
 * `TextEncoder.encode_embeddings`: prompt embeddings (from a prompt learner) → features, with optional deep
-  prompts that **overwrite** tokens 1..T before text blocks 2..depth (AnomalyCLIP spec §3,
-  ``encode_text_learn``): x = prompts + positional embedding (input only); before block i (0-indexed),
+  prompts that **overwrite** tokens 1..T before text blocks 2..depth (AnomalyCLIP @ 45ed4dd,
+  `AnomalyCLIP_lib/AnomalyCLIP.py:208-246` and ``encode_text_learn``, line 497): x = prompts + positional embedding (input only); before block i (0-indexed),
   1 ≤ i ≤ len(deep), tokens 1..T are replaced by deep[i−1], broadcast over prompts, optionally rounded to
   fp16 and back (the reference's ``.half()`` cast; on by default for parity); ``ln_final``; the end-of-text token
   (argmax of token ids); ``@ text_projection``.
@@ -21,6 +21,11 @@ from collections.abc import Callable, Mapping, Sequence
 import open_clip
 import torch
 from torch import nn
+
+__all__ = [
+    "TextEncoder",
+    "tokenize",
+]
 
 Adapter = Callable[[torch.Tensor], torch.Tensor]
 

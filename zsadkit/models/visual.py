@@ -5,7 +5,8 @@ without copying its weights. One forward returns, for a list of 1-indexed layers
 (raw, through ``ln_post``, or through ``ln_post`` and ``proj``) and the global embedding (with or without
 ``ln_post``). Attention variants (DPAM's V-V and friends) are configured by an `AttentionVariant`:
 
-* ``path="dual"`` (AnomalyCLIP DPAM, spec §2, the CLIP-Surgery design): from ``first_layer`` on, a second
+* ``path="dual"`` (AnomalyCLIP DPAM, Sec. 3.3; `AnomalyCLIP_lib/AnomalyCLIP.py:58-160, 345` @ 45ed4dd; the
+  CLIP-Surgery design): from ``first_layer`` on, a second
   stream accumulates the variant attention computed from ``ln_1`` of the *unmodified* stream, with no MLP and no
   LayerNorm of its own: ``x_side = h^(f-1) + Σ_{k=f..l} Out_k(variant(ln_1(h^(k-1))))``. The original stream is
   standard CLIP, so the global embedding is unchanged. Tapped layers ≥ ``first_layer`` return the side stream.
@@ -42,6 +43,13 @@ from zsadkit.models.attention import (
     weight_heads,
 )
 
+__all__ = [
+    "AttentionVariant",
+    "sliding_windows",
+    "VisualEncoder",
+    "VisualFeatures",
+]
+
 TokenOutput = Literal["raw", "ln_post", "projected"]
 Adapter = Callable[[torch.Tensor], torch.Tensor]
 
@@ -57,7 +65,8 @@ class AttentionVariant:
         path: ``"dual"`` (AnomalyCLIP DPAM: a side stream, no MLP, the original stream untouched) or
             ``"single"`` (AA-CLIP: the variant replaces the residual-stream attention, MLP kept).
         batch_mixing: reproduce AA-CLIP's layout bug, where the variant attention runs across the images of the
-            batch at each token position (aaclip spec §4.3). Off = the correct per-image attention.
+            batch at each token position (AA-CLIP @ 53db195, `model/transformer.py:140`: its V-V attention runs on
+            (N, B, C) tokens). Off = the correct per-image attention.
     """
 
     modes: tuple[str, ...] = ("vv",)
@@ -304,7 +313,7 @@ class VisualEncoder(nn.Module):
 
         For every image and window, the sequence [CLS, the window's patch tokens] (taken after the positional
         embedding; ``ln_pre`` acts per token, so before/after it is the same) runs through the full ViT with
-        standard attention; the window embedding is the output CLS → ``ln_post`` → ``proj`` (baselines spec §3.1).
+        standard attention; the window embedding is the output CLS → ``ln_post`` → ``proj`` (WinCLIP Sec. 4.2).
         A window covering the whole grid gives the ordinary CLIP image embedding.
 
         Args:

@@ -31,6 +31,28 @@ from zsadkit.methods.anomalyclip import AnomalyCLIP, AnomalyCLIPConfig, import_o
 from zsadkit.models import load_clip
 from zsadkit.verify import Comparison
 
+__all__ = [
+    "check_end_to_end",
+    "check_metrics",
+    "check_scoring",
+    "check_text",
+    "check_training",
+    "check_visual",
+    "CONTEXT_GRADIENTS",
+    "DEEP_GRADIENTS",
+    "DEEP_PARAMETERS_LATER_STEPS",
+    "END_TO_END_METRICS",
+    "EXACT",
+    "FEATURES",
+    "FixtureRun",
+    "LOSSES",
+    "main",
+    "METRICS",
+    "PARAMETERS",
+    "REFERENCE_FILES",
+    "REQUIRED_FILES",
+]
+
 FEATURES = {"atol": 1e-5, "rtol": 1e-5}
 LOSSES = {"atol": 1e-5, "rtol": 1e-5}
 CONTEXT_GRADIENTS = {"atol": 1e-4, "rtol": 1e-5}

@@ -38,6 +38,19 @@ from zsadkit.models import load_clip
 from zsadkit.recipes.vand import VandTrainingConfig
 from zsadkit.verify import Comparison, FixtureError
 
+__all__ = [
+    "ACTIVATIONS",
+    "ADAM_EPS",
+    "compare_parameters",
+    "FIXTURE_FILES",
+    "fixture_settings",
+    "FixtureSettings",
+    "load_fixture_model",
+    "main",
+    "README_TEXT_HEADS",
+    "run_checks",
+]
+
 FIXTURE_FILES = ("run_info.json", "state_dict.npz", "linearlayer_init.npz", "inputs.npz", "text_prompts.npz",
                  "train.npz", "zero_shot.npz", "pos_embedding.npz")
 ACTIVATIONS = {"GELU": False, "QuickGELU": True}  # run_info act_layer → load_clip(quick_gelu=...)
