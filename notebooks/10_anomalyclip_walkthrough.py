@@ -22,7 +22,8 @@
 # 4. **Anomaly maps**: softmax(cos / 0.07) per patch, upsampled, summed over layers, Gaussian σ = 4.
 #
 # In the `smoke` profile the CLIP has **random weights** and the data are synthetic: every number and map below
-# only shows the mechanics. Run interactively (`interactive = True`) to pick the sample and layer with widgets.
+# only shows the mechanics. Opened in JupyterLab (or VS Code), sliders pick the sample and layer; a batch run
+# (papermill, `python -m zsadkit.reproduce`) never shows widgets.
 
 # %% tags=["parameters"]
 profile = "smoke"
@@ -41,7 +42,7 @@ checkpoint = ""  # trained prompts (.safetensors or the official epoch_15.pth); 
 sample_index = 0  # which anomalous test image the figures show
 attention_layer = 0  # vision layer of the attention figure (1-indexed); 0: the last feature layer
 n_figure_samples = 4
-interactive = True  # widgets to pick a sample / layer (static figures are always written)
+interactive = None  # widgets to pick a sample / layer; None: only in JupyterLab/VS Code, never in a batch run
 
 # %%
 import matplotlib.pyplot as plt
@@ -50,7 +51,7 @@ import torch
 
 from zsadkit.data import batches
 from zsadkit.data.transforms import OPENAI_MEAN, OPENAI_STD
-from zsadkit.experiment import RunConfig, load_split
+from zsadkit.experiment import RunConfig, interactive_session, load_split
 from zsadkit.methods.anomalyclip import AnomalyCLIP
 from zsadkit.models.attention import ATTENTION_MODES, project_qkv
 
@@ -234,7 +235,7 @@ plot_maps(list(range(len(shown)))).savefig(output / "anomaly_maps.png", dpi=100)
 # Pick a test image and the layer of the attention figure.
 
 # %%
-if interactive:
+if interactive_session(interactive):
     import ipywidgets as widgets
 
     def explore(sample_number: int, layer_number: int) -> None:

@@ -38,6 +38,7 @@ epochs = 2  # paper: 15
 train_batch_size = 8
 learning_rate = 0.001
 train_seed = 111
+retrain = False  # True: train from scratch even where checkpoints exist (the runner's --force sets it)
 runs = []  # [[auxiliary set, [test sets]], ...]; empty: the paper protocol (zsadkit/protocols.yaml), or synthetic
 checkpoints = {}  # {auxiliary set: prompts file}; a listed set is loaded instead of trained
 pro = "cflow200"
@@ -73,14 +74,19 @@ for train_set, test_sets in runs:
         print(f"{train_set}: prompts loaded from {checkpoint}")
     else:
         train_samples = load_split(cfg, train_set, split="test")
+        checkpoint_dir = output / "checkpoints" / train_set
         train_config = TrainConfig(epochs=epochs, batch_size=train_batch_size, lr=learning_rate, seed=cfg.train_seed,
-                                   checkpoint_dir=str(output / "checkpoints" / train_set))
+                                   checkpoint_dir=str(checkpoint_dir), resume=not retrain)
         result = fit(model, train_samples, train_config, cache_root=cache_root or None, cache_dtype=cache_dtype,
                      device=cfg.device, progress=True)
         checkpoint = str(model.save_prompts(output / f"prompts_{train_set}.safetensors",
                                             metadata={"train_set": train_set, "epochs": str(epochs)}))
         training_logs += [{"train_set": train_set, **row} for row in result.log]
-        print(f"{train_set}: trained {epochs} epochs on {len(train_samples)} images -> {checkpoint}")
+        if result.resumed_from:
+            print(f"{train_set}: resumed from epoch {result.resumed_from} of {checkpoint_dir}, trained epochs "
+                  f"{result.resumed_from + 1}..{epochs} -> {checkpoint}")
+        else:
+            print(f"{train_set}: trained {epochs} epochs on {len(train_samples)} images -> {checkpoint}")
     for test_set in test_sets:
         test_samples = load_split(cfg, test_set, split="test")
         rows = evaluate(model, test_samples, dataset=test_set, image_size=cfg.image_size, batch_size=cfg.batch_size,

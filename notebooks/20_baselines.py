@@ -51,6 +51,7 @@ epochs = 2  # VAND epochs on training sets not in vand_epochs (smoke)
 train_batch_size = 8
 train_seed = 111  # VAND's projections and CoOp's contexts: initialisation and data order
 few_shot_seed = 0  # WinCLIP+'s reference draws
+retrain = False  # True: train from scratch even where checkpoints exist (the runner's --force sets it)
 winclip_backbone = ""  # "": the run's backbone; paper: ViT-B-16-plus-240
 winclip_pretrained = ""  # paper: laion400m_e31
 winclip_image_size = 0  # 0: the run's image size; paper: 240
@@ -119,7 +120,7 @@ for train_set, tests in runs:
         n_epochs = vand_epochs.get(train_set, epochs)
         result = train_vand(vand, train_samples, VandTrainingConfig(
             epochs=n_epochs, batch_size=train_batch_size, seed=cfg.train_seed,
-            checkpoint_dir=str(output / "checkpoints" / f"vand_{train_set}")))
+            checkpoint_dir=str(output / "checkpoints" / f"vand_{train_set}"), resume=not retrain))
         checkpoint = vand.save_projections(output / f"vand_projections_{train_set}.safetensors",
                                            metadata={"train_set": train_set, "epochs": str(n_epochs)})
         training_logs += [{"method": "vand", "train_set": train_set, "epoch": row["epoch"], "loss": row["loss"]}
@@ -132,7 +133,7 @@ for train_set, tests in runs:
         coop = cfg.build("coop")
         result = coop_recipe.fit(coop, train_samples, coop_recipe.train_config(
             coop_optimizer, epochs=coop_epochs, seed=cfg.train_seed,
-            checkpoint_dir=str(output / "checkpoints" / f"coop_{train_set}")), device=cfg.device)
+            checkpoint_dir=str(output / "checkpoints" / f"coop_{train_set}"), resume=not retrain), device=cfg.device)
         checkpoint = coop.save_prompts(output / f"coop_prompts_{train_set}.safetensors",
                                        metadata={"train_set": train_set, "epochs": str(coop_epochs)})
         training_logs += [{"method": "coop", "train_set": train_set, "epoch": row["epoch"], "loss": row["loss"]}

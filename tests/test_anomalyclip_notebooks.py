@@ -25,7 +25,8 @@ def execute(name: str, tmp_path: Path, **parameters) -> str:
 
 
 def test_walkthrough_writes_attention_training_step_and_map_figures(tmp_path: Path) -> None:
-    text = execute("10_anomalyclip_walkthrough", tmp_path, interactive=False)
+    # `interactive` left at its default under papermill: no widgets (they could stall nbclient), the run completes
+    text = execute("10_anomalyclip_walkthrough", tmp_path, sample_index=3, attention_layer=2)
     output = tmp_path / "anomalyclip" / "walkthrough"
     for figure in ("dpam_attention.png", "local_features_qk_vs_vv.png", "anomaly_maps.png"):
         assert (output / figure).stat().st_size > 10_000, figure
@@ -83,3 +84,47 @@ def test_ablations_notebook_runs_the_full_smoke_grid(tmp_path: Path) -> None:
     results = pd.read_csv(tmp_path / "anomalyclip" / "ablations.csv")
     assert {"Table 4", "Table 5", "Table 7", "Table 9", "Table 10", "Table 11", "Table 13", "Fig. 6", "Fig. 8"} == set(
         results["table"])
+
+
+def test_force_retrains_the_prompts_and_a_plain_rerun_resumes_and_says_so(tmp_path: Path) -> None:
+    from zsadkit import reproduce
+
+    out = tmp_path / "results"
+    overrides = {"epochs": 1, "cache_root": str(tmp_path / "cache")}
+    checkpoint = out / "anomalyclip" / "checkpoints" / "synth-aux" / "epoch_001.safetensors"
+    reproduce.reproduce("smoke", out_dir=out, only=["11_anomalyclip_tables"], overrides=overrides, progress=False)
+    first = checkpoint.stat().st_mtime_ns
+    executed = out / "executed" / "11_anomalyclip_tables.ipynb"
+
+    def printed() -> str:
+        cells = json.loads(executed.read_text())["cells"]
+        return "".join("".join(o.get("text", "")) for c in cells for o in c.get("outputs", []))
+
+    assert "synth-aux: trained 1 epochs" in printed()
+    (out / "anomalyclip" / "table1.csv").unlink()  # incomplete: a plain rerun resumes the trained epoch
+    reproduce.reproduce("smoke", out_dir=out, only=["11_anomalyclip_tables"], overrides=overrides, progress=False)
+    assert checkpoint.stat().st_mtime_ns == first and "synth-aux: resumed from epoch 1" in printed()
+    reproduce.reproduce("smoke", out_dir=out, only=["11_anomalyclip_tables"], overrides=overrides, force=True,
+                        progress=False)
+    assert checkpoint.stat().st_mtime_ns > first  # --force rewrote the checkpoint: it trained again
+    assert "synth-aux: trained 1 epochs" in printed() and "resumed from" not in printed()
+
+
+@pytest.mark.slow
+def test_walkthrough_with_a_chosen_sample_and_layer_completes_five_times_in_five(tmp_path: Path) -> None:
+    for run in range(5):
+        (tmp_path / str(run)).mkdir()
+        execute("10_anomalyclip_walkthrough", tmp_path / str(run), sample_index=3, attention_layer=2)
+        assert (tmp_path / str(run) / "anomalyclip" / "walkthrough" / "anomaly_maps.png").is_file()
+
+
+def test_widgets_only_in_a_jupyter_frontend_never_in_a_batch_run(monkeypatch) -> None:
+    from zsadkit.experiment import interactive_session
+
+    for name in ("JPY_SESSION_NAME", "VSCODE_PID", "ZSADKIT_BATCH"):
+        monkeypatch.delenv(name, raising=False)
+    assert not interactive_session()  # papermill by hand: no frontend
+    monkeypatch.setenv("JPY_SESSION_NAME", "/home/me/10_anomalyclip_walkthrough.ipynb")  # set by Jupyter Server
+    assert interactive_session()
+    monkeypatch.setenv("ZSADKIT_BATCH", "1")  # the runner, even when started from a notebook's terminal
+    assert not interactive_session() and interactive_session(True) and not interactive_session(False)

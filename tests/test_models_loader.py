@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import huggingface_hub.constants
 import numpy as np
+import open_clip
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -14,6 +16,7 @@ from zsadkit.models import (
     PretrainedWeightsUnavailableError,
     TextEncoder,
     VisualEncoder,
+    load_backbone,
     load_clip,
     read_checkpoint,
     resize_position_embedding,
@@ -21,6 +24,7 @@ from zsadkit.models import (
 )
 
 FIXTURES = Path(__file__).parent / "fixtures"
+CONFIG_DIR = Path(__file__).parent.parent / "zsadkit" / "models" / "configs"
 
 
 def _state_dict(name: str) -> dict[str, torch.Tensor]:
@@ -180,3 +184,26 @@ def test_vand_fixture_model_loads_with_gelu_and_explicit_text_heads():
     classes = [features[:245].mean(0), features[245:].mean(0)]
     ensemble = torch.stack([c / c.norm() for c in classes], dim=1)
     torch.testing.assert_close(ensemble, torch.from_numpy(prompts["candle"]), rtol=1e-5, atol=1e-5)
+
+
+def test_openai_weights_get_quickgelu_whether_passed_with_a_model_name_or_not(tmp_path: Path) -> None:
+    config_dir = tmp_path / "configs"
+    config_dir.mkdir()
+    tiny = json.loads((CONFIG_DIR / "zsad-tiny.json").read_text())
+    (config_dir / "zsad-tiny-gelu.json").write_text(json.dumps({**tiny, "quick_gelu": False}))
+    open_clip.add_model_config(config_dir)
+    weights = load_clip("zsad-tiny", seed=0).state_dict()
+    openai_format = {**weights, "input_resolution": torch.tensor(64), "context_length": torch.tensor(77),
+                     "vocab_size": torch.tensor(49408)}  # the scalar entries of OpenAI's archives
+    path = tmp_path / "openai.pt"
+    torch.save(openai_format, path)
+    inferred = load_backbone("openai-state-dict", str(path), image_size=64)
+    named = load_backbone("zsad-tiny-gelu", str(path), image_size=64)
+    assert inferred.zsad_source.quick_gelu and named.zsad_source.quick_gelu
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(inferred.encode_image(images), named.encode_image(images))
+    other_origin = tmp_path / "other.pt"  # the same tensors without OpenAI's entries: the config's activation
+    torch.save(weights, other_origin)
+    assert not load_backbone("zsad-tiny-gelu", str(other_origin), image_size=64).zsad_source.quick_gelu
+    assert load_backbone("zsad-tiny-gelu", str(other_origin), image_size=64, quick_gelu=True).zsad_source.quick_gelu

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import inspect
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from zsadkit.training import CheckpointMismatchError, TrainConfig, latest_checkpoint, learning_rate, train
+from zsadkit.training import (
+    CheckpointMismatchError,
+    TrainConfig,
+    code_digest,
+    latest_checkpoint,
+    learning_rate,
+    train,
+)
 
 
 def regression_problem(seed: int = 0) -> tuple[list[dict], dict[str, torch.nn.Parameter]]:
@@ -223,3 +232,51 @@ def test_the_epoch_hook_runs_before_each_epoch_with_its_number() -> None:
     calls = []
     train(parameters, data, mse_step(parameters), TrainConfig(epochs=3, batch_size=10), on_epoch_start=calls.append)
     assert calls == [1, 2, 3]
+
+
+def test_a_checkpoint_of_other_training_code_is_not_resumed(tmp_path: Path) -> None:
+    data, parameters = regression_problem()
+    config = TrainConfig(epochs=1, checkpoint_dir=str(tmp_path))
+    train(parameters, data, mse_step(parameters), config, fingerprint={"code": code_digest("zsadkit.recipes.vand")})
+    with pytest.raises(CheckpointMismatchError, match="code"):
+        train(parameters, data, mse_step(parameters), replace(config, epochs=2),
+              fingerprint={"code": code_digest("zsadkit.recipes.anomalyclip")})
+    assert code_digest("zsadkit.recipes.vand") == code_digest("zsadkit.recipes.vand")
+
+
+def test_code_digest_follows_the_source_and_the_version(monkeypatch) -> None:
+    import zsadkit
+
+    before = code_digest("zsadkit.recipes.vand")
+    monkeypatch.setattr(zsadkit, "__version__", zsadkit.__version__ + ".dev1")
+    assert code_digest("zsadkit.recipes.vand") != before
+    monkeypatch.undo()
+    real = inspect.getsource
+    monkeypatch.setattr(inspect, "getsource", lambda module: real(module) + ("# edited" if module.__name__ ==
+                                                                               "zsadkit.losses" else ""))
+    assert code_digest("zsadkit.recipes.vand") != before
+
+
+def test_training_without_resume_replaces_the_folders_old_checkpoints(tmp_path: Path) -> None:
+    data, parameters = regression_problem()
+    train(parameters, data, mse_step(parameters), TrainConfig(epochs=3, checkpoint_dir=str(tmp_path)))
+    data, parameters = regression_problem()
+    result = train(parameters, data, mse_step(parameters), TrainConfig(epochs=1, checkpoint_dir=str(tmp_path),
+                                                                       resume=False))
+    assert result.resumed_from == 0
+    assert sorted(p.name for p in tmp_path.glob("epoch_*.safetensors")) == ["epoch_001.safetensors"]
+
+
+def test_the_batch_order_and_results_do_not_depend_on_the_progress_bar() -> None:
+    results = []
+    for progress in (False, True):
+        data, parameters = regression_problem()
+        log = train(parameters, data, mse_step(parameters), TrainConfig(epochs=2, batch_size=6), progress=progress).log
+        results.append(([row["loss"] for row in log], {k: v.detach().clone() for k, v in parameters.items()}))
+    assert results[0][0] == results[1][0]
+    assert all(torch.equal(results[0][1][name], results[1][1][name]) for name in results[0][1])
+    # and equal a plain torch loop over the same per-epoch generators (no extra draw from the shuffling generator)
+    expected = torch_reference_run(TrainConfig(epochs=2, batch_size=6, optimizer="adamw", weight_decay=0.0,
+                                               betas=(0.5, 0.999)), regression_problem()[0],
+                                   lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0))
+    assert all(torch.allclose(results[1][1][name], expected[name], atol=1e-6) for name in expected)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -81,3 +82,18 @@ def test_comparison_with_nothing_checked_is_a_failure(capsys) -> None:
     one = Comparison()
     one.check("x", [1.0], [1.0], atol=0.0)
     assert one.summary() == 0
+
+
+def test_an_unexpected_fixture_format_is_one_fail_line_and_the_other_checks_go_on(tmp_path: Path) -> None:
+    copy = tmp_path / "anomalyclip"
+    shutil.copytree(FIXTURES, copy)
+    expected = json.loads((copy / "e2e_test_py_metrics.json").read_text())
+    expected["transform_samples"]["img_extra"] = ["e2e_btad_synth/01/test/ok/000.png"]  # a list, not a path
+    (copy / "e2e_test_py_metrics.json").write_text(json.dumps(expected))
+    result = run_verify(copy)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    fails = [line for line in result.stdout.splitlines() if line.startswith("FAIL")]
+    assert len(fails) == 1 and "e2e_transform_samples img_extra" in fails[0]
+    assert "transform_samples.img_extra must be an image path" in fails[0] and "got list" in fails[0]
+    assert any(line.startswith("ok") and "e2e_test_py_metrics.json:top:03__pixel-auroc" in line
+               for line in result.stdout.splitlines())  # the checks after it still ran

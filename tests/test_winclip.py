@@ -16,6 +16,7 @@ from zsadkit.methods.winclip import (
     window_count,
 )
 from zsadkit.models import load_clip, sliding_windows
+from zsadkit.prompts import class_phrase
 
 SIZE = 80  # zsad-tiny: patch 16 → 5×5 grid, 16 small and 9 mid windows
 
@@ -171,3 +172,16 @@ def test_bad_configs_are_rejected(clip):
         WinClipConfig(few_shot_map="max")
     with pytest.raises(ValueError, match="do not fit"):
         WinClip(clip, WinClipConfig(scales=(2, 6)))
+
+
+def test_each_profile_names_the_class_as_its_implementation_does(clip):
+    """mala-lab (and InCTRL) write "metal nut"; anomalib 2.7 and zqhang/WinCLIP-pytorch keep "metal_nut"."""
+    expected = {"mala": True, "anomalib": False, "zqhang": False}
+    for profile, replaces in expected.items():
+        winclip = WinClip(clip, WinClipConfig.from_profile(profile))
+        assert winclip.config.replace_underscores is replaces, profile
+        sentence = winclip.ensemble.sentences(class_phrase("metal_nut", winclip.config.replace_underscores),
+                                              "anomalous")[0]
+        assert ("metal nut" if replaces else "metal_nut") in sentence, (profile, sentence)
+    anomalib = WinClip(clip, WinClipConfig.from_profile("anomalib"))
+    assert not torch.allclose(anomalib.text_features("metal_nut"), anomalib.text_features("metal nut"), atol=1e-4)

@@ -10,8 +10,13 @@ Profiles:
     smoke: the embedded offline default. A tiny random-initialised CLIP (`zsad-tiny`) on the synthetic
         MVTec-layout data (`synth-aux` for training, `synth-target` for zero-shot testing). Numbers check the
         pipeline only; they say nothing about the methods.
+    cpu: a reading group's laptop. Pretrained ViT-B-16 (OpenAI weights) at 224 px on a few VisA classes
+        (`visa-aux` for training, `visa-target` for testing; `zsadkit data prepare visa --download`), on a CPU.
     paper: the papers' setting. Pretrained ViT-L-14-336 (open_clip `openai` weights) at 518 px on the real
         datasets under `data_root` (prepared with `zsadkit data prepare`), on a GPU.
+
+Outputs go to `out_dir`; the runner always sets it (`results/<profile>/`). A notebook run by hand writes to
+`results/scratch/<profile>/` instead, so it never overwrites what the runner generated.
 
 Seeds: `backbone_seed` draws random backbone weights (smoke profile; ignored for pretrained weights);
 `train_seed` is the seed of what a method learns or draws: the initialisation of its prompts, projections or
@@ -26,6 +31,7 @@ Example:
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -37,11 +43,12 @@ from zsadkit.data.records import Sample
 from zsadkit.methods import Detector, build_method
 from zsadkit.models import load_backbone
 from zsadkit.paths import SMOKE_DATA_ROOT, results_dir
+from zsadkit.protocols import subset
 from zsadkit.results import Provenance
 
-__all__ = ["PROFILES", "RunConfig", "load_split"]
+__all__ = ["PROFILES", "RunConfig", "interactive_session", "load_split"]
 
-PROFILES = ("smoke", "paper")
+PROFILES = ("smoke", "cpu", "paper")
 
 
 @dataclass(frozen=True)
@@ -54,7 +61,8 @@ class RunConfig:
         pretrained: open_clip pretrained tag ("openai"), a checkpoint path, or "" for random weights.
         image_size: input side S in pixels.
         data_root: root of prepared datasets; "" means the synthetic data under `data/synthetic`.
-        out_dir: where result CSVs and figures go (`results/<profile>` by default).
+        out_dir: where result CSVs and figures go (the runner: `results/<profile>`; by hand, by default,
+            `results/scratch/<profile>`).
         device: "cpu", "cuda", "cuda:1", ...
         backbone_seed: seed of random backbone weights.
         train_seed: seed of a method's initialisation, data order and few-shot draws.
@@ -76,7 +84,7 @@ class RunConfig:
         if self.profile not in PROFILES:
             raise ValueError(f"profile must be one of {PROFILES}, got {self.profile!r}")
         if not self.out_dir:
-            object.__setattr__(self, "out_dir", str(results_dir(self.profile)))
+            object.__setattr__(self, "out_dir", str(results_dir("scratch") / self.profile))
 
     @classmethod
     def from_parameters(cls, namespace: Mapping[str, Any]) -> RunConfig:
@@ -131,11 +139,24 @@ class RunConfig:
         return f"[{self.profile}] backbone {self.backbone}, weights {self.pretrained}, image size {self.image_size}"
 
 
+def interactive_session(requested: bool | None = None) -> bool:
+    """Whether a notebook shows ipywidgets: `requested` when given, else only in a Jupyter frontend that renders
+    them (JupyterLab/Notebook set `JPY_SESSION_NAME` for their kernels, VS Code `VSCODE_PID`), never in a batch run
+    (papermill, nbclient, `python -m zsadkit.reproduce`, which sets `ZSADKIT_BATCH`). Batch clients can wait
+    forever on widget messages (an ipywidgets Output widget under nbclient stalled notebook 10 in 3 of 7 runs)."""
+    if requested is not None:
+        return bool(requested)
+    if os.environ.get("ZSADKIT_BATCH"):
+        return False
+    return bool(os.environ.get("JPY_SESSION_NAME") or os.environ.get("VSCODE_PID"))
+
+
 def load_split(cfg: RunConfig, dataset: str, split: str = "test", protocol: str = "anomalyclip") -> list[Sample]:
     """Samples (absolute paths) of a dataset by name.
 
     In the smoke profile the names are "synth-aux" and "synth-target" (generated on first use, a few seconds);
-    otherwise the dataset is read from its prepared manifest under `cfg.data_root` for the given protocol.
+    otherwise the dataset is read from its prepared manifest under `cfg.data_root` for the given protocol. A named
+    class subset (`zsadkit.protocols.subset`, e.g. "visa-target") keeps its classes and is named as the subset.
     """
     if not cfg.data_root:
         from zsadkit.data.mvtec import read_mvtec
@@ -147,4 +168,12 @@ def load_split(cfg: RunConfig, dataset: str, split: str = "test", protocol: str 
         return read_mvtec(roots[dataset], dataset=dataset, splits=(split,))
     from zsadkit.data.catalog import load_dataset
 
-    return load_dataset(dataset, protocol, cfg.data_root, split=split)
+    named_subset = subset(dataset)
+    if named_subset is None:
+        return load_dataset(dataset, protocol, cfg.data_root, split=split)
+    source, classes = named_subset
+    samples = [s for s in load_dataset(source, protocol, cfg.data_root, split=split) if s.class_name in classes]
+    missing = sorted(set(classes) - {s.class_name for s in samples})
+    if missing:
+        raise KeyError(f"subset {dataset!r}: {source} under {cfg.data_root} has no {split} images of classes {missing}")
+    return [replace(s, dataset=dataset) for s in samples]

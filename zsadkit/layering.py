@@ -18,8 +18,8 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("methods", ("zsadkit.methods",)),
     ("engine", ("zsadkit.feature_cache", "zsadkit.engine", "zsadkit.training", "zsadkit.recipes", "zsadkit.results",
                 "zsadkit.protocols")),
-    ("experiment", ("zsadkit.experiment", "zsadkit.predict", "zsadkit.reproduce", "zsadkit.verify", "zsadkit.cli",
-                    "zsadkit.book")),
+    ("experiment", ("zsadkit.experiment", "zsadkit.predict", "zsadkit.preflight", "zsadkit.reproduce",
+                    "zsadkit.verify", "zsadkit.cli", "zsadkit.book")),
 )
 
 

@@ -30,6 +30,7 @@ __all__ = [
     "published_dataset_name",
     "published_method_name",
     "reported",
+    "subset",
 ]
 
 PROTOCOLS_FILE = Path(__file__).with_name("protocols.yaml")
@@ -82,6 +83,12 @@ def protocol(paper: str) -> Protocol:
     return Protocol(paper, _runs(raw["runs"]), _runs(raw.get("smoke_runs", [])), _runs(raw.get("ablation_runs", [])),
                     tuple((level, metric) for level, metric in raw["metrics"]), dict(raw["tables"]),
                     raw["published"])
+
+
+def subset(name: str) -> tuple[str, tuple[str, ...]] | None:
+    """(dataset, classes) of a named class subset (`subsets:` in protocols.yaml), or None for a plain dataset."""
+    entry = _data().get("subsets", {}).get(name)
+    return None if entry is None else (str(entry["dataset"]), tuple(str(c) for c in entry["classes"]))
 
 
 def published_dataset_name(dataset: str) -> str:

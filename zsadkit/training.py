@@ -20,12 +20,15 @@ from the feature cache.
   exists is complete.
 * Fingerprint: what determines the trained parameters: the `TrainConfig` fields except those that do not
   (`RESULT_INDEPENDENT_FIELDS`: epochs, where checkpoints go, resume, workers) plus what the caller passes
-  (the method's configuration, a fingerprint of the training samples).
+  (the method's configuration, a fingerprint of the training samples, `code_digest` of the modules that define
+  the model and its training, with the zsadkit version): after editing a method, its old checkpoints are not
+  resumed.
 * Resume: the latest readable checkpoint of `checkpoint_dir` up to `epochs` is loaded (parameters, optimiser,
   log) and training continues with the next epoch; an unreadable (e.g. truncated) file is reported and the
   previous one used. A checkpoint of another fingerprint (other lr, seed, data, method settings) raises
   `CheckpointMismatchError` naming the differing fields instead of silently returning its parameters; more
-  epochs than the checkpoint's is allowed (training continues).
+  epochs than the checkpoint's is allowed (training continues). Without `resume` the folder's old checkpoints
+  are deleted first, so none of another run survives beside the new ones.
 * Log: per epoch the mean of every scalar the step returns, also written to `loss_log.csv`.
 * Hook: `on_epoch_start(epoch)` runs before each epoch's batches (e.g. VAND's per-epoch mosaic draws).
 
@@ -41,6 +44,9 @@ Example:
 from __future__ import annotations
 
 import csv
+import hashlib
+import importlib
+import inspect
 import json
 import math
 import os
@@ -60,6 +66,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+import zsadkit
 from zsadkit.data.dataset import AnomalyDataset
 from zsadkit.data.records import Sample, samples_fingerprint
 from zsadkit.feature_cache import cached_rows
@@ -69,6 +76,7 @@ __all__ = [
     "CheckpointMismatchError",
     "TrainConfig",
     "TrainResult",
+    "code_digest",
     "fit",
     "latest_checkpoint",
     "learning_rate",
@@ -80,6 +88,10 @@ __all__ = [
 StepFunction = Callable[[dict], Mapping[str, torch.Tensor]]
 CHECKPOINT_PATTERN = "epoch_{epoch:03d}.safetensors"
 LOG_FILE = "loss_log.csv"
+#: Modules whose code takes part in every training run (with the method's own modules in `code_digest`).
+SHARED_TRAINING_MODULES = ("zsadkit.training", "zsadkit.losses", "zsadkit.maps", "zsadkit.prompt_learning",
+                           "zsadkit.models.visual", "zsadkit.models.text", "zsadkit.models.attention",
+                           "zsadkit.feature_cache")
 #: `TrainConfig` fields that do not change the parameters after a given epoch (left out of the fingerprint).
 RESULT_INDEPENDENT_FIELDS = ("epochs", "checkpoint_dir", "resume", "num_workers")
 
@@ -188,6 +200,16 @@ class TrainResult:
     log: list[dict[str, float]] = field(default_factory=list)
     resumed_from: int = 0
     checkpoints: list[Path] = field(default_factory=list)
+
+
+def code_digest(*modules: str) -> str:
+    """sha256 of the source of `modules` and `SHARED_TRAINING_MODULES`, with the zsadkit version: what training
+    code produced a checkpoint (part of the fingerprint, so a checkpoint of edited code is not resumed)."""
+    digest = hashlib.sha256(zsadkit.__version__.encode())
+    for name in sorted({*modules, *SHARED_TRAINING_MODULES}):
+        digest.update(name.encode())
+        digest.update(inspect.getsource(importlib.import_module(name)).encode())
+    return digest.hexdigest()
 
 
 def seed_everything(seed: int) -> None:
@@ -369,6 +391,9 @@ def train(
             check_fingerprint(last, run)
             start_epoch, result.log = load_checkpoint(last, named, optimizer)
             result.resumed_from = start_epoch
+    elif config.checkpoint_dir:
+        for stale in Path(config.checkpoint_dir).glob("epoch_*.safetensors"):
+            stale.unlink()
     stream = torch.Generator().manual_seed(config.seed)
     batches_per_epoch = len(_loader(dataset, config, stream))
     for _ in range(start_epoch if config.shuffle_stream == "continuous" else 0):
@@ -420,6 +445,7 @@ def fit(
     config: TrainConfig | None = None,
     *,
     name: str,
+    code: Sequence[str] = (),
     use_cache: bool = True,
     cache_root: str | Path | None = None,
     cache_dtype: str = "float32",
@@ -437,6 +463,7 @@ def fit(
         samples: training records with masks (normal images get zero masks).
         config: `TrainConfig`.
         name: the method's name (cache directory prefix, fingerprint).
+        code: modules besides the model's own (and its base classes') that define the training, e.g. the recipe.
         use_cache: read the frozen features from the cache instead of recomputing them.
         cache_root: parent folder of feature caches (default `zsadkit.paths.default_cache_root()`).
         cache_dtype: storage dtype of cached features ("float32" exact, "float16" half the disk).
@@ -460,7 +487,9 @@ def fit(
             batch = {**batch, **model.encode_rows(batch["image"].to(device))}
         return model.losses_from_rows(batch)
 
+    model_modules = {cls.__module__ for cls in type(model).__mro__ if cls.__module__.startswith("zsadkit")}
     fingerprint = {"method": name, **model.fingerprint(), "samples": samples_fingerprint(samples),
+                   "code": code_digest(*model_modules, *code),
                    "image_features": f"cache {cache_dtype}" if use_cache and cache_dtype != "float32" else "float32"}
     result = train(model.trainable_parameters(), dataset, step, config, fingerprint=fingerprint, progress=progress)
     model.eval()

@@ -28,13 +28,17 @@ WinCLIP+ (Sec. 4.3, K normal references, `fit_references`):
 
 Variants (`WINCLIP_PROFILES`; the default is mala-lab's, the implementation InCTRL's WinCLIP+ numbers come from):
 
-============  ===========  =====  =================  ===============
-profile       templates    τ      prompt averaging   few-shot map
-============  ===========  =====  =================  ===============
-"mala"        22           0.01   normalised         mean (½ each)
-"anomalib"    21           0.07   raw embeddings     mean (½ each)
-"zqhang"      21           0.07   raw [unverified]   sum
-============  ===========  =====  =================  ===============
+============  ===========  =====  =================  ===============  ====================
+profile       templates    τ      prompt averaging   few-shot map     class name
+============  ===========  =====  =================  ===============  ====================
+"mala"        22           0.01   normalised         mean (½ each)    "metal nut"
+"anomalib"    21           0.07   raw embeddings     mean (½ each)    as given "metal_nut"
+"zqhang"      21           0.07   raw embeddings     sum              as given "metal_nut"
+============  ===========  =====  =================  ===============  ====================
+
+(mala-lab: `replace('_', ' ')` as InCTRL's `open_clip/model.py:564`; anomalib 2.7 passes the category name unchanged;
+zqhang/WinCLIP-pytorch @ 6b070ff `reproduce_WinCLIP.py:149-155, 277-296`: names unchanged, raw mean of the
+sentence embeddings.)
 
 Paper setting: OpenCLIP ViT-B-16-plus-240 (``laion400m_e31``) at 240 px; ViT-L-14-336 at 518 px is an option.
 
@@ -65,8 +69,10 @@ __all__ = ["WINCLIP_PROFILES", "WinClip", "WinClipConfig", "build_winclip", "har
 
 WINCLIP_PROFILES: dict[str, dict] = {
     "mala": dict(prompts="winclip", temperature=CLIP_TEMPERATURE, normalize_prompts=True, few_shot_map="mean"),
-    "anomalib": dict(prompts="winclip-21", temperature=0.07, normalize_prompts=False, few_shot_map="mean"),
-    "zqhang": dict(prompts="winclip-21", temperature=0.07, normalize_prompts=False, few_shot_map="sum"),
+    "anomalib": dict(prompts="winclip-21", temperature=0.07, normalize_prompts=False, few_shot_map="mean",
+                     replace_underscores=False),
+    "zqhang": dict(prompts="winclip-21", temperature=0.07, normalize_prompts=False, few_shot_map="sum",
+                   replace_underscores=False),
 }
 
 
@@ -80,7 +86,8 @@ class WinClipConfig:
         normalize_prompts: normalise sentence embeddings before averaging (False: anomalib).
         scales: window sides in patches (small 2, mid 3).
         few_shot_map: WinCLIP+ pixel fusion, "mean" ½(zero-shot + M_W) or "sum".
-        replace_underscores: "metal_nut" → "metal nut" in prompts (InCTRL does; anomalib takes the name as given).
+        replace_underscores: "metal_nut" → "metal nut" in prompts (mala-lab/InCTRL do; anomalib and zqhang take the
+            name as given).
         windows_per_pass: most (image, window) sequences per forward pass (bounds memory, not the result).
     """
 

@@ -18,6 +18,7 @@ Checkpoint formats (``checkpoint=``):
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -40,6 +41,7 @@ __all__ = [
     "BUILTIN_RANDOM_MODELS",
     "ClipSource",
     "CONFIG_DIR",
+    "is_openai_release",
     "load_backbone",
     "load_clip",
     "module_fingerprint",
@@ -134,6 +136,32 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if state_dict and all(key.startswith("module.") for key in state_dict):
         state_dict = {key[len("module.") :]: value for key, value in state_dict.items()}
     return state_dict
+
+
+@functools.cache
+def openai_release_sha256() -> frozenset[str]:
+    """sha256 digests of OpenAI's published CLIP archives (the hex folder of open_clip's `openai` download URLs)."""
+    digests = set()
+    for name, tag in open_clip.list_pretrained():
+        url = open_clip.get_pretrained_cfg(name, tag).get("url", "") if tag == "openai" else ""
+        if "openaipublic" in url:
+            digests.add(url.split("/")[-2])
+    return frozenset(digests)
+
+
+def is_openai_release(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike | None = None) -> bool:
+    """True for OpenAI's own weights: a state dict with the scalar entries of OpenAI's archives
+    (``input_resolution``, ``context_length``, ``vocab_size``), or a file whose sha256 is a published OpenAI release.
+    Their MLPs use QuickGELU; `load_clip` builds them so whether they come with an architecture name or not."""
+    if any(key in state_dict for key in ("input_resolution", "context_length", "vocab_size")):
+        return True
+    if path is None:
+        return False
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest() in openai_release_sha256()
 
 
 def _is_torchscript_archive(path: Path) -> bool:
@@ -272,8 +300,10 @@ def load_clip(
         image_size: input side S; the positional embedding is resized once for it. None = native size.
         pos_embed_resize: ``"bilinear"`` (default, reference AnomalyCLIP/AA-CLIP: bilinear, no antialias,
             class row kept) or ``"open_clip"`` (bicubic + antialias, as VAND's forked open_clip).
-        quick_gelu: activation override. None = QuickGELU for inferred OpenAI state dicts, the tag's setting
-            for name + tag, the config's setting otherwise. False gives ``nn.GELU`` (the VAND fixture).
+        quick_gelu: activation override. None follows the weights' origin: QuickGELU for OpenAI's weights
+            (`is_openai_release`: a JIT archive or state dict with OpenAI's scalar entries, or a file with a
+            published OpenAI sha256) and for inferred architectures (OpenAI's rule), the tag's setting for name +
+            tag, the config's setting otherwise. False gives ``nn.GELU`` (the VAND fixture).
         vision_heads: head-count override when the architecture is inferred (default width // 64).
         text_heads: head-count override when the architecture is inferred (default width // 64).
         cache_dir: download cache for name + tag.
@@ -305,10 +335,11 @@ def load_clip(
     if checkpoint is not None or state_dict is not None:
         source = str(checkpoint) if checkpoint is not None else "<in-memory>"
         weights = read_checkpoint(checkpoint) if checkpoint is not None else dict(state_dict)
+        if quick_gelu is None and (model is None or is_openai_release(weights, checkpoint)):
+            quick_gelu = True  # OpenAI's weights use QuickGELU, however they are passed
         if model is None:
-            activation = True if quick_gelu is None else quick_gelu
             clip = build_clip_from_openai_state_dict(
-                weights, quick_gelu=activation, vision_heads=vision_heads, text_heads=text_heads, source=source
+                weights, quick_gelu=quick_gelu, vision_heads=vision_heads, text_heads=text_heads, source=source
             )
         else:
             clip = _create_open_clip(model, None, quick_gelu, cache_dir, seed)

@@ -41,7 +41,7 @@ def fit(
 ) -> TrainResult:
     """Train the prompts on auxiliary samples (`zsadkit.training.fit`; `TrainConfig()` is the reference's
     schedule). Returns the per-epoch log: loss = objective, image = global CE, local = λ·Σ local terms."""
-    return fit_feature_model(model, samples, config or TrainConfig(), name=NAME, use_cache=use_cache,
+    return fit_feature_model(model, samples, config or TrainConfig(), name=NAME, code=(__name__,), use_cache=use_cache,
                              cache_root=cache_root, cache_dtype=cache_dtype, device=device, progress=progress)
 
 

@@ -51,5 +51,5 @@ def fit(
     progress: bool = False,
 ) -> TrainResult:
     """Train CoOp's contexts (default schedule: `train_config("coop")`) through `zsadkit.training.fit`."""
-    return fit_feature_model(model, samples, config or train_config(), name="coop", use_cache=use_cache,
+    return fit_feature_model(model, samples, config or train_config(), name="coop", code=(__name__,), use_cache=use_cache,
                              cache_root=cache_root, cache_dtype=cache_dtype, device=device, progress=progress)

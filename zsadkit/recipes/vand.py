@@ -25,7 +25,7 @@ from zsadkit.data.images import check_mask_matches_image, read_image
 from zsadkit.data.records import Sample, samples_fingerprint
 from zsadkit.methods.vand import Vand
 from zsadkit.models import module_fingerprint
-from zsadkit.training import TrainConfig, TrainResult, train
+from zsadkit.training import TrainConfig, TrainResult, code_digest, train
 
 __all__ = ["MosaicDataset", "VandTrainingConfig", "mosaic", "train_vand"]
 
@@ -44,6 +44,7 @@ class VandTrainingConfig:
         betas: Adam betas.
         seed: `setup_seed(111)`: seeds the shuffling and the mosaic draws.
         checkpoint_dir: where per-epoch checkpoints go ("" = none); a rerun resumes from them.
+        resume: continue from the checkpoints of `checkpoint_dir` (False retrains from scratch).
         mosaic_rate: probability that an item becomes a 2×2 mosaic of four images of its class (reference
             ``aug_rate``, applied by its MVTec AD dataset only). None = the reference's behaviour: 0.2 when every
             training record's dataset is "mvtec", else 0.
@@ -56,6 +57,7 @@ class VandTrainingConfig:
     seed: int = 111
     mosaic_rate: float | None = None
     checkpoint_dir: str = ""
+    resume: bool = True
 
     def __post_init__(self) -> None:
         if self.mosaic_rate is not None and not 0.0 <= self.mosaic_rate <= 1.0:
@@ -177,9 +179,11 @@ def train_vand(
         return {"loss": vand.losses(output, batch["mask"])}
 
     train_config = TrainConfig(epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, betas=config.betas,
-                               seed=config.seed, shuffle_stream="continuous", checkpoint_dir=config.checkpoint_dir)
+                               seed=config.seed, shuffle_stream="continuous", checkpoint_dir=config.checkpoint_dir,
+                               resume=config.resume)
     fingerprint = {"method": "vand", "config": vand.config.to_json(), "mosaic_rate": rate,
-                   "samples": samples_fingerprint(samples), "backbone_weights": module_fingerprint(vand.clip)}
+                   "samples": samples_fingerprint(samples), "backbone_weights": module_fingerprint(vand.clip),
+                   "code": code_digest(type(vand).__module__, __name__)}
     vand.train()
     result = train(vand.trainable_parameters(), dataset, step, train_config, fingerprint=fingerprint,
                    on_epoch_start=lambda epoch: dataset.set_epoch(epoch - 1), progress=progress)

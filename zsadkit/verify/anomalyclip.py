@@ -29,7 +29,7 @@ import torch
 
 from zsadkit.methods.anomalyclip import AnomalyCLIP, AnomalyCLIPConfig, import_official_prompt_learner
 from zsadkit.models import load_clip
-from zsadkit.verify import Comparison
+from zsadkit.verify import Comparison, FixtureError
 
 __all__ = [
     "check_end_to_end",
@@ -294,12 +294,20 @@ def check_end_to_end(run: FixtureRun, out: Comparison) -> None:
         reference = _load(run.directory, "e2e_transform_samples.npz")
         soft_masks = AnomalyDataset(samples, image_size=size, mask_threshold=None)
         for kind, relative in expected["transform_samples"].items():
-            index = next(i for i, s in enumerate(samples) if Path(s.image) == (run.directory / relative).resolve())
-            item = soft_masks[index]
-            kind = kind.removeprefix("img_")
-            out.check(f"e2e_transform_samples.npz:img_{kind}", item["image"], reference[f"img_{kind}"], **FEATURES)
-            out.check(f"e2e_transform_samples.npz:mask_{kind}", item["mask"][None], reference[f"mask_{kind}"],
-                      **FEATURES)
+            with out.section(f"e2e_transform_samples {kind}"):
+                if not isinstance(relative, str):
+                    raise FixtureError(f"{expected_file}: transform_samples.{kind} must be an image path relative to "
+                                       f"{run.directory} (a string), got {type(relative).__name__} {relative!r}")
+                index = next((i for i, s in enumerate(samples) if Path(s.image) == (run.directory / relative).resolve()),
+                             None)
+                if index is None:
+                    raise FixtureError(f"{expected_file}: transform_samples.{kind} names {relative}, which is not an "
+                                       f"image of {root}")
+                item = soft_masks[index]
+                kind = kind.removeprefix("img_")
+                out.check(f"e2e_transform_samples.npz:img_{kind}", item["image"], reference[f"img_{kind}"], **FEATURES)
+                out.check(f"e2e_transform_samples.npz:mask_{kind}", item["mask"][None], reference[f"mask_{kind}"],
+                          **FEATURES)
     names = {"image-auroc": ("image", "auroc"), "image-ap": ("image", "ap"), "pixel-auroc": ("pixel", "auroc"),
              "pixel-aupro": ("pixel", "aupro_cflow200")}
     for part in ("all", "top"):
@@ -338,10 +346,16 @@ def main(directory: Path) -> int:
     out = Comparison()
     print(f"AnomalyCLIP parity against {run.directory} (reference {run.info.get('reference_commit', '?')})")
     if out.require(run.directory, "text.npz"):
-        check_text(run, out)
-    check_visual(run, out, images)
-    check_scoring(run, out, images)
-    check_training(run, out, images, masks, labels)
-    check_metrics(run, out)
-    check_end_to_end(run, out)
+        with out.section("text"):
+            check_text(run, out)
+    with out.section("visual"):
+        check_visual(run, out, images)
+    with out.section("scoring"):
+        check_scoring(run, out, images)
+    with out.section("training"):
+        check_training(run, out, images, masks, labels)
+    with out.section("metrics"):
+        check_metrics(run, out)
+    with out.section("end to end"):
+        check_end_to_end(run, out)
     return out.summary()
