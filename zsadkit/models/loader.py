@@ -258,7 +258,8 @@ def load_clip(
        weights this raises `PretrainedWeightsUnavailableError`, never a random model.
     2. ``load_clip(checkpoint="ViT-L-14-336px.pt", image_size=518)``: a local OpenAI archive, state dict
        ``.pt``, ``.safetensors`` or ``.npz``. The architecture is inferred from the shapes (OpenAI rules,
-       QuickGELU), or taken from the open_clip config ``model`` when given.
+       QuickGELU), or taken from the open_clip config ``model`` when given. One line on stdout names the file
+       (open_clip's "initialized randomly" warning for the model it builds first is silenced).
     3. ``load_clip(state_dict=sd)``: an OpenAI-format state dict in memory (same inference).
     4. ``load_clip("zsad-tiny", image_size=112)``: a built-in tiny random configuration (offline tests),
        initialised deterministically from ``seed`` without touching the global RNG. Any other open_clip name
