@@ -567,9 +567,10 @@ class PredictResult:
                 rule = "F1-max" if c.rule == "f1_max" else f"target FPR {c.target_fpr}"
                 figures = f"FPR {c.fpr:.3f}" + ("" if c.recall is None else
                                                  f", recall {c.recall:.3f}, precision {_fmt(c.precision)}")
-                how = f"calibrated ({rule}; {figures} on {c.n_normal} normal, {c.n_anomalous} anomalous images)"
-            lines.append(f"threshold {self.threshold:.6g} ({how}): {anomalous} anomalous, "
-                         f"{len(self.scores) - anomalous} normal")
+                how = (f"calibrated by {rule} on {c.n_normal} normal and {c.n_anomalous} anomalous images, where "
+                       f"it gives {figures}")
+            lines.append(f"threshold {self.threshold:.6g}, {how}; decisions (anomalous when score > threshold): "
+                         f"{anomalous} anomalous, {len(self.scores) - anomalous} normal")
         if len(self.errors):
             lines.append(f"{len(self.errors)} input(s) could not be read, listed with the reason in "
                          f"{self.out / 'errors.csv'}")
