@@ -313,6 +313,8 @@ def test_inputs_from_files_globs_and_a_from_folder_manifest(tmp_path: Path, caps
     assert [i.class_name for i in images] == ["parts"] and ignored == []
     images, ignored = collect_images([parts / "good" / "a.png"])
     assert images[0].class_name == "object"
+    images, _ = collect_images([parts / "good" / "a.png", parts / "bad" / "b.png"])  # as a shell expands a glob
+    assert [i.key for i in images] == ["parts/good/a", "parts/bad/b"]
     with pytest.raises(PredictError, match="matches no file"):
         collect_images([str(parts / "*.jpg")])
     with pytest.raises(PredictError, match="no such input file or folder"):

@@ -43,6 +43,7 @@ import glob
 import hashlib
 import json
 import math
+import os
 import platform
 import shutil
 import sys
@@ -117,11 +118,14 @@ class InputImage:
     class_name: str
 
 
-def _shown_as(path_as_typed: Path) -> Path:
-    """How an input is named under maps/: as typed when relative (without ".."), else by its last component."""
-    if not path_as_typed.is_absolute() and ".." not in path_as_typed.parts:
-        return path_as_typed
-    return Path(path_as_typed.resolve().name)
+def _as_typed(path: Path) -> bool:
+    """Whether maps/ can mirror the path as typed: relative, without ".."."""
+    return not path.is_absolute() and ".." not in path.parts
+
+
+def _shown_as(folder: Path) -> Path:
+    """How a folder is named under maps/: as typed when it can be, else by its name."""
+    return folder if _as_typed(folder) else Path(folder.resolve().name)
 
 
 def _folder_word(folder: Path) -> str:
@@ -188,6 +192,10 @@ def collect_images(
     excluded = None if exclude is None else Path(exclude).expanduser().resolve()
     found: dict[Path, InputImage] = {}
     ignored: list[Path] = []
+    # image files given by absolute paths (a shell-expanded glob) are shown relative to their common folder
+    loose = [Path(i).expanduser().resolve() for i in inputs if Path(i).expanduser().is_file()
+             and Path(i).suffix.lower() not in MANIFEST_SUFFIXES and not _as_typed(Path(i).expanduser())]
+    loose_root = Path(os.path.commonpath([path.parent for path in loose])) if loose else None
 
     def add(path: Path, shown: Path, word: str) -> None:
         path = path.resolve()
@@ -202,16 +210,20 @@ def collect_images(
             for image in images:
                 add(image, _shown_as(typed) / image.relative_to(typed), _folder_word(typed))
         elif typed.is_file() and typed.suffix.lower() in MANIFEST_SUFFIXES:
-            for record in read_manifest(typed, root=typed.resolve().parent):
-                if not normal_only or record.label == 0:
-                    image = Path(record.image)
-                    add(image, _shown_as(typed.parent) / image.relative_to(typed.resolve().parent)
-                        if image.is_relative_to(typed.resolve().parent) else Path(image.name), record.class_name)
-        elif typed.is_file() or (is_image_file(typed) and typed.is_symlink()):
+            root = typed.resolve().parent
+            for record in read_manifest(typed, root=root):
+                if normal_only and record.label != 0:
+                    continue
+                image = Path(record.image)
+                shown = _shown_as(typed.parent) / image.relative_to(root) if image.is_relative_to(root) else image.name
+                add(image, Path(shown), record.class_name)
+        elif typed.is_file():
             if not is_image_file(typed):
                 raise PredictError(f"{item}: {what} file is neither an image ({', '.join(IMAGE_EXTENSIONS)}) nor a "
                                    f"manifest ({', '.join(MANIFEST_SUFFIXES)})")
-            add(typed, _shown_as(typed), DEFAULT_CLASS_WORD)
+            resolved = typed.resolve()
+            shown = typed if _as_typed(typed) else Path(loose_root.name) / resolved.relative_to(loose_root)
+            add(typed, shown, DEFAULT_CLASS_WORD)
         elif glob.has_magic(str(item)):
             matches = sorted(Path(m) for m in glob.glob(str(typed), recursive=True))
             if not matches:
