@@ -154,6 +154,17 @@ def test_a_rerun_scores_only_new_images_and_other_settings_need_force(tmp_path: 
     assert forced.scored_now == 3 and set(pd.read_csv(out / "scores.csv")["method"]) == {"clip-ac"}
 
 
+def test_a_row_cut_by_an_interrupted_run_is_scored_again(tmp_path: Path) -> None:
+    for index in range(2):
+        write_image(tmp_path / "parts" / f"{index}.png", 100, seed=index)
+    out = tmp_path / "out"
+    predict(tmp_path / "parts", method="clip", out=out, maps="none", **TINY)
+    complete = (out / "scores.csv").read_bytes()
+    (out / "scores.csv").write_bytes(complete[:-40])  # killed while writing the last row
+    again = predict(tmp_path / "parts", method="clip", out=out, maps="none", **TINY)
+    assert again.scored_now == 1 and (out / "scores.csv").read_bytes() == complete
+
+
 def test_calibration_on_separable_scores_picks_a_threshold_that_separates_them(tmp_path: Path, brightness: str,
                                                                                 capsys) -> None:
     calibration = tmp_path / "cal"

@@ -656,6 +656,64 @@ def _calibrate(scorer: _Scorer, folder: Path, samples: list[Sample], digest: str
     return calibration
 
 
+def _drop_partial_line(path: Path) -> None:
+    """Cut a row that an interrupted run left half-written at the end of a CSV file."""
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        path.write_bytes(data[: data.rfind(b"\n") + 1])
+
+
+def _score_into(out: Path, scorer: _Scorer, images: list[InputImage], provenance: dict[str, dict],
+                threshold: float | None, maps: str, progress: bool) -> tuple[int, list[tuple[str, str]]]:
+    """Score the images not yet in out/scores.csv, appending their rows and writing their maps batch by batch.
+
+    Returns:
+        (how many images were tried, [(path, reason) of each unreadable one]).
+    """
+    columns = ["path", "class_name", "score", *(["decision", "threshold"] if threshold is not None else []),
+               *(["overlay"] if maps in ("overlay", "both") else []), *(["raw_map"] if maps in ("raw", "both") else []),
+               "method", *PROVENANCE_COLUMNS]
+    scores_file = out / "scores.csv"
+    done: set[str] = set()
+    if scores_file.is_file():
+        _drop_partial_line(scores_file)
+        done = set(pd.read_csv(scores_file, usecols=["path"], dtype=str, keep_default_na=False)["path"])
+    todo = [image for image in images if str(image.path) not in done]
+    failures: list[tuple[str, str]] = []
+    new_file = not scores_file.is_file()
+    with scores_file.open("a", newline="") as handle:
+        writer = csv.writer(handle)
+        if new_file:
+            writer.writerow(columns)
+        for indices, batch_scores, batch_maps, errors in scorer(_as_samples(todo), progress):
+            failures += [(str(todo[index].path), reason) for index, reason in errors]
+            for position, index in enumerate(indices):
+                image, score = todo[index], float(batch_scores[position])
+                row = {"path": str(image.path), "class_name": image.class_name, "score": repr(score),
+                       **provenance[image.class_name]}
+                if threshold is not None:
+                    row |= {"decision": "anomalous" if score > threshold else "normal", "threshold": repr(threshold)}
+                target = out / "maps" / image.key
+                target.parent.mkdir(parents=True, exist_ok=True)
+                if "overlay" in columns:
+                    _overlay(image.path, batch_maps[position]).save(target.with_name(target.name + ".png"))
+                    row["overlay"] = f"maps/{image.key}.png"
+                if "raw_map" in columns:
+                    np.save(target.with_name(target.name + ".npy"), batch_maps[position].numpy().astype(np.float16))
+                    row["raw_map"] = f"maps/{image.key}.npy"
+                writer.writerow(["" if row.get(c) is None else row[c] for c in columns])
+            handle.flush()
+    return len(todo), failures
+
+
+def _read_scores(scores_file: Path, images: list[InputImage]) -> pd.DataFrame:
+    """The rows of `images` in scores.csv, in their order (unreadable images have none)."""
+    every = pd.read_csv(scores_file, keep_default_na=False, na_values=[""],
+                        dtype={"path": str, "class_name": str, "checkpoint": str, "commit": str})
+    every = every.fillna({c: "" for c in ("checkpoint", "overlay", "raw_map") if c in every}).set_index("path")
+    return every.loc[[str(image.path) for image in images if str(image.path) in every.index]].reset_index()
+
+
 def predict(
     inputs: str | Path | Sequence[str | Path],
     *,
@@ -792,50 +850,15 @@ def predict(
             train_seed=train_seed if drawn or (trainable and not checkpoint) else None, checkpoint=checkpoint))
         for word in words
     }
-    columns = ["path", "class_name", "score", *(["decision", "threshold"] if threshold is not None else []),
-               *(["overlay"] if maps in ("overlay", "both") else []), *(["raw_map"] if maps in ("raw", "both") else []),
-               "method", *PROVENANCE_COLUMNS]
-    scores_file = out / "scores.csv"
-    done = set(pd.read_csv(scores_file, usecols=["path"])["path"]) if scores_file.is_file() else set()
-    todo = [image for image in images if str(image.path) not in done]
-    failures: list[tuple[str, str]] = []
-    new_file = not scores_file.is_file()
-    with scores_file.open("a", newline="") as handle:
-        writer = csv.writer(handle)
-        if new_file:
-            writer.writerow(columns)
-        for indices, batch_scores, batch_maps, errors in scorer(_as_samples(todo), progress and bool(todo)):
-            failures += [(str(todo[index].path), reason) for index, reason in errors]
-            for position, index in enumerate(indices):
-                image, score = todo[index], float(batch_scores[position])
-                row = {"path": str(image.path), "class_name": image.class_name, "score": repr(score),
-                       "method": method, **provenance[image.class_name]}
-                if threshold is not None:
-                    row |= {"decision": "anomalous" if score > threshold else "normal", "threshold": repr(threshold)}
-                target = out / "maps" / image.key
-                target.parent.mkdir(parents=True, exist_ok=True)
-                if "overlay" in columns:
-                    _overlay(image.path, batch_maps[position]).save(target.with_name(target.name + ".png"))
-                    row["overlay"] = f"maps/{image.key}.png"
-                if "raw_map" in columns:
-                    np.save(target.with_name(target.name + ".npy"), batch_maps[position].numpy().astype(np.float16))
-                    row["raw_map"] = f"maps/{image.key}.npy"
-                writer.writerow(["" if row.get(c) is None else row[c] for c in columns])
-            handle.flush()
-
-    errors_file = out / "errors.csv"
+    tried, failures = _score_into(out, scorer, images, provenance, threshold, maps, progress)
     errors = pd.DataFrame(failures, columns=["path", "reason"])
     if failures:
-        errors.to_csv(errors_file, index=False)
+        errors.to_csv(out / "errors.csv", index=False)
     else:
-        errors_file.unlink(missing_ok=True)
-    every = pd.read_csv(scores_file, keep_default_na=False, na_values=[""],
-                        dtype={"path": str, "class_name": str, "checkpoint": str, "commit": str})
-    every = every.fillna({c: "" for c in ("checkpoint", "overlay", "raw_map") if c in every}).set_index("path")
-    order = [str(image.path) for image in images if str(image.path) in every.index]
-    frame = every.loc[order].reset_index()
-    run["counts"] = {"inputs": len(images), "scored_now": len(todo) - len(failures), "unreadable": len(failures),
+        (out / "errors.csv").unlink(missing_ok=True)
+    frame = _read_scores(out / "scores.csv", images)
+    run["counts"] = {"inputs": len(images), "scored_now": tried - len(failures), "unreadable": len(failures),
                      "ignored_files": len(ignored)}
     _write_json(out / "run.json", run)
     return PredictResult(frame, errors, MapStore(out, frame, keep_alive=temporary), out, threshold, calibration,
-                         len(todo) - len(failures), len(ignored), notes)
+                         tried - len(failures), len(ignored), notes)
