@@ -209,22 +209,22 @@ def add_predict_command(subparsers: argparse._SubParsersAction) -> None:
     )
     command.add_argument("inputs", nargs="+", metavar="INPUT",
                          help="image files, folders (searched recursively), glob patterns, or a manifest .csv/.jsonl")
-    command.add_argument("--method", required=True, help="a registered method: clip, clip-ac, winclip, vand, ...")
-    command.add_argument("--out", required=True, help="output folder")
-    command.add_argument("--backbone", default="ViT-L-14-336",
+    command.add_argument("--method", required=True, metavar="NAME", help="a registered method: clip, clip-ac, winclip, vand, ...")
+    command.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    command.add_argument("--backbone", default="ViT-L-14-336", metavar="B",
                          help="open_clip model name, or zsad-tiny (random weights, offline) (default: ViT-L-14-336)")
-    command.add_argument("--pretrained", help="open_clip tag or a local weights file (default: openai; none for "
+    command.add_argument("--pretrained", metavar="TAG_OR_FILE", help="open_clip tag or a local weights file (default: openai; none for "
                          "zsad-tiny)")
-    command.add_argument("--image-size", type=int, help="input side in pixels (default: 518; 112 for zsad-tiny)")
-    command.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default: cpu)")
-    command.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: 8)")
-    command.add_argument("--checkpoint", help="the method's trained prompts, projections, adapters or heads "
+    command.add_argument("--image-size", type=int, metavar="N", help="input side in pixels (default: 518; 112 for zsad-tiny)")
+    command.add_argument("--device", default="cpu", metavar="D", help="torch device, e.g. cuda (default: cpu)")
+    command.add_argument("--batch-size", type=int, default=8, metavar="N", help="images per forward pass (default: 8)")
+    command.add_argument("--checkpoint", metavar="FILE", help="the method's trained prompts, projections, adapters or heads "
                          "(zsadkit's files or the official ones)")
     command.add_argument("--references", nargs="+", metavar="DIR_OR_FILES",
                          help="normal reference images of few-shot methods (WinCLIP+, VAND few-shot, InCTRL, ...)")
-    command.add_argument("--shots", type=int, help="draw K references per class (default: all)")
+    command.add_argument("--shots", type=int, metavar="K", help="draw K references per class (default: all)")
     threshold = command.add_mutually_exclusive_group()
-    threshold.add_argument("--threshold", type=float, help="decision threshold: anomalous when score > T")
+    threshold.add_argument("--threshold", type=float, metavar="T", help="decision threshold: anomalous when score > T")
     threshold.add_argument("--calibrate", metavar="CAL_DIR",
                            help="pick the threshold on CAL_DIR/good and CAL_DIR/bad (F1-max, or --target-fpr)")
     command.add_argument("--target-fpr", type=float, metavar="F",
@@ -233,7 +233,7 @@ def add_predict_command(subparsers: argparse._SubParsersAction) -> None:
                          help="PNG overlays, raw float16 .npy maps, both or none (default: both)")
     command.add_argument("--class-name", metavar="WORD", help="the class word in the prompts (default: each input "
                          "folder's name, a manifest's class_name, 'object' for files)")
-    command.add_argument("--force", action="store_true", help="replace a previous run of other settings in DIR")
+    command.add_argument("--force", action="store_true", help="start DIR afresh (needed when a previous run there had other settings)")
     command.set_defaults(func=_predict)
 
 

@@ -757,7 +757,7 @@ def predict(
         target_fpr: with `calibrate`, the largest false-positive rate allowed on good/ (else F1-max).
         maps: "overlay" (PNG), "raw" (float16 .npy), "both" or "none".
         class_name: the class word of every image's prompts.
-        force: replace a previous run of other settings in `out`.
+        force: start `out` afresh (needed when a previous run there had other settings).
         progress: a progress bar on stderr.
         backbone_seed: seed of random backbone weights.
         train_seed: seed of untrained learnable parameters and of the `shots` draw.
