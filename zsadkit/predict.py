@@ -694,7 +694,8 @@ def _score_into(out: Path, scorer: _Scorer, images: list[InputImage], provenance
                 if threshold is not None:
                     row |= {"decision": "anomalous" if score > threshold else "normal", "threshold": repr(threshold)}
                 target = out / "maps" / image.key
-                target.parent.mkdir(parents=True, exist_ok=True)
+                if maps != "none":
+                    target.parent.mkdir(parents=True, exist_ok=True)
                 if "overlay" in columns:
                     _overlay(image.path, batch_maps[position]).save(target.with_name(target.name + ".png"))
                     row["overlay"] = f"maps/{image.key}.png"
