@@ -29,7 +29,7 @@ from zsadkit.data.errors import DataError
 from zsadkit.data.from_folder import manifest_from_folder
 from zsadkit.data.prepare import prepare_dataset
 from zsadkit.models import PretrainedWeightsUnavailableError
-from zsadkit.predict import MAP_MODES, default_image_size, default_pretrained, predict
+from zsadkit.predict import DEFAULT_BACKBONE, MAP_MODES, default_image_size, default_pretrained, predict
 
 __all__ = [
     "add_data_commands",
@@ -211,8 +211,8 @@ def add_predict_command(subparsers: argparse._SubParsersAction) -> None:
                          help="image files, folders (searched recursively), glob patterns, or a manifest .csv/.jsonl")
     command.add_argument("--method", required=True, metavar="NAME", help="a registered method: clip, clip-ac, winclip, vand, ...")
     command.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    command.add_argument("--backbone", default="ViT-L-14-336", metavar="B",
-                         help="open_clip model name, or zsad-tiny (random weights, offline) (default: ViT-L-14-336)")
+    command.add_argument("--backbone", default=DEFAULT_BACKBONE, metavar="B",
+                         help=f"open_clip model name, or zsad-tiny (random weights, offline) (default: {DEFAULT_BACKBONE})")
     command.add_argument("--pretrained", metavar="TAG_OR_FILE", help="open_clip tag or a local weights file (default: openai; none for "
                          "zsad-tiny)")
     command.add_argument("--image-size", type=int, metavar="N", help="input side in pixels (default: 518; 112 for zsad-tiny)")

@@ -60,6 +60,7 @@ import torch
 import torch.nn.functional as F
 from matplotlib import colormaps
 from PIL import Image
+from safetensors import safe_open
 from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm.auto import tqdm
 
@@ -75,6 +76,8 @@ from zsadkit.results import PROVENANCE_COLUMNS, Provenance, code_commit
 
 __all__ = [
     "Calibration",
+    "DEFAULT_BACKBONE",
+    "InputImage",
     "MAP_MODES",
     "MapStore",
     "PredictError",
@@ -92,8 +95,6 @@ DEFAULT_BACKBONE = "ViT-L-14-336"
 DEFAULT_CLASS_WORD = "object"
 MANIFEST_SUFFIXES = (".csv", ".jsonl")
 OVERLAY_MAX_SIDE = 1024
-#: Settings that change no score, map or decision: a rerun may use other values.
-RUNTIME_SETTINGS = ("device", "batch_size")
 
 
 class PredictError(ValueError):
@@ -292,8 +293,6 @@ def _checkpoint_method(path: Path) -> str | None:
     """The method a zsadkit training checkpoint was trained for (its fingerprint's "method"), if it says."""
     if path.suffix != ".safetensors":
         return None
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}

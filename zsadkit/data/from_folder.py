@@ -33,7 +33,10 @@ from zsadkit.data.layouts import images_in
 from zsadkit.data.records import Sample, write_manifest
 
 __all__ = [
+    "ANOMALOUS_DIR",
     "KNOWN_DIRS",
+    "MASK_DIR",
+    "NORMAL_DIR",
     "manifest_from_folder",
 ]
 
