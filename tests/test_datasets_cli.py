@@ -230,9 +230,44 @@ def test_from_folder_rejects_a_mask_without_an_image_and_a_missing_bad_folder(tm
     tree.image("masks/ghost.png")
     with pytest.raises(MaskError, match=r"ghost\.png: mask matches no anomalous image"):
         manifest_from_folder(tmp_path / "parts")
-    RawTree(tmp_path / "only_good").image("good/a.png")
-    with pytest.raises(LayoutError, match=r"only_good/bad: folder is missing"):
-        manifest_from_folder(tmp_path / "only_good")
+    RawTree(tmp_path / "only_bad").image("bad/a.png", anomalous=True)
+    with pytest.raises(LayoutError, match=r"only_bad/good: folder is missing"):
+        manifest_from_folder(tmp_path / "only_bad")
+
+
+def test_from_folder_with_good_only_is_a_reference_set(tmp_path: Path, capsys) -> None:
+    tree = RawTree(tmp_path / "screws")
+    tree.image("good/a.png")
+    tree.image("good/b.png")
+    out = tmp_path / "refs.csv"
+    assert main(["data", "from-folder", str(tmp_path / "screws"), "--out", str(out)]) == 0
+    assert "2 normal, 0 anomalous (reference set (good/ only)), class word 'screws'" in capsys.readouterr().out
+    samples = read_manifest(out, root=tmp_path / "screws")
+    assert [(s.label, s.split, s.class_name) for s in samples] == [(0, "train", "screws")] * 2
+    assert manifest_from_folder(tmp_path / "screws", class_name="hex bolt")[0].class_name == "hex bolt"
+
+
+def test_from_folder_decodes_every_image_and_names_each_unreadable_file(tmp_path: Path, capsys) -> None:
+    make_user_folder(tmp_path / "parts")
+    complete = (tmp_path / "parts" / "good" / "a.png").read_bytes()
+    (tmp_path / "parts" / "good" / "cut.png").write_bytes(complete[: len(complete) // 2])
+    (tmp_path / "parts" / "bad" / "scratch" / "text.png").write_text("not an image")
+    (tmp_path / "parts" / "masks" / "text.png").write_bytes((tmp_path / "parts" / "masks" / "s1.png").read_bytes())
+    out = tmp_path / "manifest.csv"
+    with pytest.raises(DataError, match=r"2 unreadable file\(s\).*good/cut\.png.*truncated.*scratch/text\.png"):
+        manifest_from_folder(tmp_path / "parts", out)
+    assert not out.exists()
+    assert main(["data", "from-folder", str(tmp_path / "parts"), "--out", str(out)]) == 2
+    assert "cut.png" in capsys.readouterr().err
+
+
+def test_prepare_without_raw_data_names_what_it_looked_for_once(tmp_path: Path, capsys) -> None:
+    (tmp_path / "empty").mkdir()
+    assert main(["data", "prepare", "mvtec", "--raw", str(tmp_path / "empty"), "--root", str(tmp_path / "root")]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.count("mvtec_anomaly_detection.tar.xz") == 1 and captured.err.count("error:") == 1
+    assert str(tmp_path / "empty") in captured.err and "layout 'official'" in captured.err
+    assert captured.out == ""
 
 
 def test_readme_datasets_table_gives_the_prepare_command_of_every_dataset() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import huggingface_hub.constants
@@ -22,6 +23,7 @@ from zsadkit.models import (
     resize_position_embedding,
     tokenize,
 )
+from zsadkit.models.loader import CONFIG_DIR
 
 FIXTURES = Path(__file__).parent / "fixtures"
 CONFIG_DIR = Path(__file__).parent.parent / "zsadkit" / "models" / "configs"
@@ -84,6 +86,22 @@ def test_checkpoint_with_model_name_uses_that_open_clip_config(anomalyclip_state
     clip = load_clip("zsad-tiny", checkpoint=tmp_path / "tiny.safetensors", image_size=112)
     _assert_same_weights(clip, load_clip(state_dict=anomalyclip_state_dict, image_size=112))
     assert clip.zsad_source.model == "zsad-tiny" and not clip.zsad_source.random_init
+
+
+def test_a_weights_file_with_a_model_name_says_which_file_without_open_clips_random_init_warning(
+    anomalyclip_state_dict, tmp_path, caplog, capsys
+):
+    configs = tmp_path / "configs"  # an open_clip name that is not a built-in random model
+    configs.mkdir()
+    (configs / "zsad-tiny-local-test.json").write_text((CONFIG_DIR / "zsad-tiny.json").read_text())
+    open_clip.add_model_config(configs)
+    weights = tmp_path / "local.safetensors"
+    save_file({k: v.contiguous() for k, v in anomalyclip_state_dict.items()}, str(weights))
+    with caplog.at_level(logging.INFO):
+        clip = load_clip("zsad-tiny-local-test", checkpoint=weights, image_size=112)
+    assert not [r for r in caplog.records if "initialized randomly" in r.getMessage()]
+    assert f"from {weights}" in capsys.readouterr().out
+    _assert_same_weights(clip, load_clip(state_dict=anomalyclip_state_dict, image_size=112))
 
 
 def test_tiny_model_by_name_is_seeded_deterministic_and_leaves_the_global_rng_alone():

@@ -3,11 +3,16 @@
     zsadkit data list
     zsadkit data prepare NAME --raw DIR --root DATA_ROOT [--protocol P] [--download] [--counts FILE]
     zsadkit data check --root DATA_ROOT
-    zsadkit data from-folder DIR --out manifest.csv [--image-level-only]
+    zsadkit data from-folder DIR --out manifest.csv [--image-level-only] [--class-name WORD]
+    zsadkit predict INPUT... --method NAME --out DIR [--backbone B] [--pretrained TAG_OR_FILE] [--image-size N]
+        [--device D] [--batch-size N] [--checkpoint FILE] [--references DIR_OR_FILES...] [--shots K]
+        [--threshold T | --calibrate CAL_DIR [--target-fpr F]] [--maps overlay|raw|both|none] [--class-name WORD]
+        [--force]
 
 Each command group registers itself with `add_<group>_commands(subparsers)`; a subcommand sets
 `func(args) -> int`. Bad input (`ValueError`, which every `zsadkit.data` error is) prints one clear
-message and exits with status 2.
+message and exits with status 2. `zsadkit predict` exits with status 1 when some inputs could not be read (every
+readable image is still scored).
 """
 
 from __future__ import annotations
@@ -23,9 +28,12 @@ from zsadkit.data.catalog import available_datasets, dataset_status, get_dataset
 from zsadkit.data.errors import DataError
 from zsadkit.data.from_folder import manifest_from_folder
 from zsadkit.data.prepare import prepare_dataset
+from zsadkit.models import PretrainedWeightsUnavailableError
+from zsadkit.predict import DEFAULT_BACKBONE, MAP_MODES, default_image_size, default_pretrained, predict
 
 __all__ = [
     "add_data_commands",
+    "add_predict_command",
     "build_parser",
     "main",
 ]
@@ -61,8 +69,7 @@ def _data_prepare(args: argparse.Namespace) -> int:
     )
     if all(r.skipped for r in results):
         print(
-            f"error: no raw data of {args.name} found in {args.raw}: "
-            + "; ".join(r.skipped for r in results),
+            f"error: no raw data of {args.name} found; " + "; ".join(dict.fromkeys(r.skipped for r in results)),
             file=sys.stderr,
         )
         return 2
@@ -100,9 +107,10 @@ def _data_from_folder(args: argparse.Namespace) -> int:
     )
     normal = sum(s.label == 0 for s in samples)
     masked = sum(s.mask is not None for s in samples)
+    kind = "reference set (good/ only)" if normal == len(samples) else f"{masked} with masks"
     print(
-        f"{args.out}: {normal} normal, {len(samples) - normal} anomalous ({masked} with masks); paths relative "
-        f"to {Path(args.root or args.folder).expanduser().resolve()}"
+        f"{args.out}: {normal} normal, {len(samples) - normal} anomalous ({kind}), class word "
+        f"{samples[0].class_name!r} in prompts; paths relative to {Path(args.root or args.folder).expanduser().resolve()}"
     )
     return 0
 
@@ -148,12 +156,14 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> None:
     check.set_defaults(func=_data_check)
 
     from_folder = commands.add_parser(
-        "from-folder", help="a manifest from good/, bad/ and optional masks/ folders"
+        "from-folder", help="a manifest from good/, bad/ and optional masks/ folders (good/ alone: a reference set)"
     )
-    from_folder.add_argument("folder", help="folder holding good/ and bad/ (and optionally masks/)")
+    from_folder.add_argument("folder", help="folder holding good/ and bad/ (and optionally masks/), or good/ only")
     from_folder.add_argument("--out", required=True, help="manifest to write (.csv or .jsonl)")
     from_folder.add_argument("--root", help="paths are written relative to this folder (default: FOLDER)")
-    from_folder.add_argument("--class-name", help="class name of every record (default: the folder name)")
+    from_folder.add_argument(
+        "--class-name", help="class word of every record, used in the prompts (default: the folder name)"
+    )
     from_folder.add_argument("--dataset", help="dataset name of every record (default: the folder name)")
     from_folder.add_argument(
         "--image-level-only",
@@ -163,11 +173,76 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> None:
     from_folder.set_defaults(func=_data_from_folder)
 
 
+def _predict(args: argparse.Namespace) -> int:
+    pretrained = default_pretrained(args.backbone) if args.pretrained is None else args.pretrained
+    image_size = args.image_size or default_image_size(args.backbone)
+    weights = f"weights {pretrained}" if pretrained else "RANDOM weights"
+    print(f"zsadkit predict: method {args.method}, backbone {args.backbone} ({weights}), image size {image_size}, "
+          f"device {args.device}")
+    try:
+        result = predict(
+            args.inputs, method=args.method, out=args.out, backbone=args.backbone, pretrained=pretrained,
+            image_size=image_size, device=args.device, batch_size=args.batch_size, checkpoint=args.checkpoint or "",
+            references=args.references, shots=args.shots, threshold=args.threshold, calibrate=args.calibrate,
+            target_fpr=args.target_fpr, maps=args.maps, class_name=args.class_name, force=args.force,
+        )
+    except (OSError, PretrainedWeightsUnavailableError) as err:  # a missing weights file, no network for weights
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(result.summary())
+    written = ", ".join(name for name in ("scores.csv", "maps/", "errors.csv", "calibration.json", "run.json")
+                        if (result.out / name).exists())
+    print(f"wrote {written} in {result.out}")
+    if len(result.errors):
+        print(f"error: {len(result.errors)} of {len(result.errors) + len(result.scores)} input image(s) could not be "
+              f"read; see {result.out / 'errors.csv'}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def add_predict_command(subparsers: argparse._SubParsersAction) -> None:
+    """Register `zsadkit predict ...`."""
+    command = subparsers.add_parser(
+        "predict", help="anomaly scores, maps and a decision on your own images, with any registered method",
+        description="Score images with a registered method; write DIR/scores.csv, DIR/maps/ and DIR/run.json. "
+        "A rerun into the same DIR scores only the images not yet in scores.csv.",
+    )
+    command.add_argument("inputs", nargs="+", metavar="INPUT",
+                         help="image files, folders (searched recursively), glob patterns, or a manifest .csv/.jsonl")
+    command.add_argument("--method", required=True, metavar="NAME", help="a registered method: clip, clip-ac, winclip, vand, ...")
+    command.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    command.add_argument("--backbone", default=DEFAULT_BACKBONE, metavar="B",
+                         help=f"open_clip model name, or zsad-tiny (random weights, offline) (default: {DEFAULT_BACKBONE})")
+    command.add_argument("--pretrained", metavar="TAG_OR_FILE", help="open_clip tag or a local weights file (default: openai; none for "
+                         "zsad-tiny)")
+    command.add_argument("--image-size", type=int, metavar="N", help="input side in pixels (default: 518; 112 for zsad-tiny)")
+    command.add_argument("--device", default="cpu", metavar="D", help="torch device, e.g. cuda (default: cpu)")
+    command.add_argument("--batch-size", type=int, default=8, metavar="N", help="images per forward pass (default: 8)")
+    command.add_argument("--checkpoint", metavar="FILE", help="the method's trained prompts, projections, adapters or heads "
+                         "(zsadkit's files or the official ones)")
+    command.add_argument("--references", nargs="+", metavar="DIR_OR_FILES",
+                         help="normal reference images of few-shot methods (WinCLIP+, VAND few-shot, InCTRL, ...)")
+    command.add_argument("--shots", type=int, metavar="K", help="draw K references per class (default: all)")
+    threshold = command.add_mutually_exclusive_group()
+    threshold.add_argument("--threshold", type=float, metavar="T", help="decision threshold: anomalous when score > T")
+    threshold.add_argument("--calibrate", metavar="CAL_DIR",
+                           help="pick the threshold on CAL_DIR/good and CAL_DIR/bad (F1-max, or --target-fpr)")
+    command.add_argument("--target-fpr", type=float, metavar="F",
+                         help="with --calibrate: the lowest threshold whose false-positive rate on good/ is <= F")
+    command.add_argument("--maps", choices=MAP_MODES, default="both",
+                         help="PNG overlays, raw float16 .npy maps, both or none (default: both)")
+    command.add_argument("--class-name", metavar="WORD", help="the class word in the prompts (default: each input "
+                         "folder's name, a manifest's class_name, 'object' for files)")
+    command.add_argument("--force", action="store_true", help="start DIR afresh (needed when a previous run there had other settings)")
+    command.set_defaults(func=_predict)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `zsadkit` argument parser with every command group."""
     parser = argparse.ArgumentParser(prog="zsadkit", description="CLIP zero-shot anomaly detection kit")
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_data_commands(subparsers)
+    add_predict_command(subparsers)
     return parser
 
 

@@ -5,6 +5,14 @@
     DIR/masks/<stem>.png      optional pixel masks, matched to anomalous images by stem
                               (`<stem>.*` or `<stem>_mask.*`)
 
+A folder with good/ only is a reference set (normal images for few-shot methods, or the normals that a
+target false-positive rate is calibrated on): its records are normal and of split "train".
+
+The class name of every record (the word that fills "[cls]" in the prompts, "a photo of a normal [cls]") is
+the folder's name unless `class_name` (`--class-name`) sets it; underscores are read as spaces by most
+methods ("metal_nut" → "metal nut"). Every image (and mask) is fully decoded: a truncated file, or one that is
+not an image behind an image extension, is an error naming it, so it cannot abort a run later.
+
 Without masks/ the manifest is image-level only (`mask` empty). With masks/ every anomalous image needs
 a mask, as `AnomalyDataset` expects (a dataset has masks for all its anomalous images or for none), unless
 `image_level_only` writes no masks at all. A mask whose stem matches no anomalous image, two masks for
@@ -19,13 +27,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from zsadkit.data.errors import LayoutError, MaskError
-from zsadkit.data.images import visible_entries
+from zsadkit.data.errors import ImageReadError, LayoutError, MaskError
+from zsadkit.data.images import read_image, visible_entries
 from zsadkit.data.layouts import images_in
 from zsadkit.data.records import Sample, write_manifest
 
 __all__ = [
+    "ANOMALOUS_DIR",
     "KNOWN_DIRS",
+    "MASK_DIR",
+    "NORMAL_DIR",
     "manifest_from_folder",
 ]
 
@@ -52,6 +63,18 @@ def _masks_by_stem(mask_dir: Path) -> dict[str, Path]:
     return masks
 
 
+def _check_decodable(paths: list[Path]) -> None:
+    """Decode every file; raise one `ImageReadError` naming each one that cannot be read."""
+    failures = []
+    for path in paths:
+        try:
+            read_image(path)
+        except ImageReadError as err:
+            failures.append(str(err))
+    if failures:
+        raise ImageReadError(f"{len(failures)} unreadable file(s); fix or remove them: " + " | ".join(failures))
+
+
 def manifest_from_folder(
     folder: str | Path,
     out: str | Path | None = None,
@@ -61,37 +84,43 @@ def manifest_from_folder(
     dataset: str | None = None,
     image_level_only: bool = False,
 ) -> list[Sample]:
-    """Build (and with `out`, write) a test manifest from good/, bad/ and optional masks/ folders.
+    """Build (and with `out`, write) a test manifest from good/, bad/ and optional masks/ folders, or a
+    reference set (split "train", normal images only) from a folder with good/ alone.
 
     Args:
-        folder: the folder holding good/ and bad/.
+        folder: the folder holding good/ and bad/ (or good/ only).
         out: CSV or JSONL file to write; None only returns the records.
         root: paths are written relative to it (default: `folder`).
-        class_name / dataset: written into every record (default: the folder's name).
+        class_name: the class word of every record, used in the prompts (default: the folder's name).
+        dataset: dataset name of every record (default: the folder's name).
         image_level_only: ignore masks/ and write no masks (`--image-level-only`).
 
     Raises:
-        LayoutError: good/ or bad/ missing or empty, an unknown sub-folder, stray files, duplicate
-            image stems.
+        LayoutError: good/ missing, good/ or bad/ empty, an unknown sub-folder, stray files, duplicate
+            image stems, masks/ without bad/.
         MaskError: masks/ exists but an anomalous image has no mask, a mask matches no anomalous image,
             or two masks match one image.
+        ImageReadError: an image or mask that cannot be decoded (truncated, not an image); every such file
+            is named.
     """
     folder = Path(folder).expanduser().resolve()
     root = folder if root is None else Path(root).expanduser().resolve()
     class_name = class_name or folder.name
     dataset = dataset or folder.name
-    for name in (NORMAL_DIR, ANOMALOUS_DIR):
-        if not (folder / name).is_dir():
-            raise LayoutError(
-                f"{folder / name}: folder is missing; expected {folder}/good/ (normal images) and "
-                f"{folder}/bad/ (anomalous images), optional {folder}/masks/"
-            )
+    if not (folder / NORMAL_DIR).is_dir():
+        raise LayoutError(
+            f"{folder / NORMAL_DIR}: folder is missing; expected {folder}/good/ (normal images) and "
+            f"{folder}/bad/ (anomalous images), optional {folder}/masks/; good/ alone is a reference set"
+        )
     unknown = [p.name for p in visible_entries(folder) if p.is_dir() and p.name not in KNOWN_DIRS]
     if unknown:
         raise LayoutError(
             f"{folder}: unknown sub-folder(s) {unknown}; expected only {list(KNOWN_DIRS)} (move the others out)"
         )
-    anomalous = _anomalous_images(folder / ANOMALOUS_DIR)
+    reference_set = not (folder / ANOMALOUS_DIR).is_dir()
+    if reference_set and (folder / MASK_DIR).is_dir() and not image_level_only:
+        raise LayoutError(f"{folder / MASK_DIR}: masks without {folder / ANOMALOUS_DIR}; masks belong to bad/ images")
+    anomalous = [] if reference_set else _anomalous_images(folder / ANOMALOUS_DIR)
     stems: dict[str, Path] = {}
     for image, _ in anomalous:
         if image.stem in stems:
@@ -115,10 +144,10 @@ def manifest_from_folder(
             "every anomalous image needs <stem>.png or <stem>_mask.png there, or pass --image-level-only "
             "(image_level_only=True) to write no masks at all"
         )
-    samples = [
-        Sample(str(image), None, 0, class_name, "good", dataset, "test")
-        for image in images_in(folder / NORMAL_DIR, "normal image")
-    ]
+    split = "train" if reference_set else "test"
+    normal = images_in(folder / NORMAL_DIR, "normal image")
+    _check_decodable([*normal, *(image for image, _ in anomalous), *masks.values()])
+    samples = [Sample(str(image), None, 0, class_name, "good", dataset, split) for image in normal]
     samples += [
         Sample(
             str(image),

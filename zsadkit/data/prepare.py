@@ -579,8 +579,7 @@ def prepare_dataset(
                 raise DataError(
                     f"{raw}: raw data not found for {spec.name}/{proto.name}: {_where_to_get(spec, layout)}"
                 )
-            reason = f"raw data of layout {layout.name!r} not found in {raw}"
-            log(f"{spec.name}/{proto.name}: skipped, {reason}")
+            reason = f"looked in {raw} for {_where_to_get(spec, layout)}"
             results.append(PreparedProtocol(proto.name, None, {}, skipped=reason))
             continue
         records = selected[proto.name]
@@ -604,4 +603,9 @@ def prepare_dataset(
         verified = "counts verified" if has_test_counts else "no published counts to verify"
         log(f"{spec.name}/{proto.name}: {n_test} test records, {verified} -> {manifest}")
         results.append(PreparedProtocol(proto.name, manifest, counts))
+    skipped = [r for r in results if r.skipped]
+    if skipped and len(skipped) < len(results):  # when nothing was found, the caller reports it once
+        for reason in dict.fromkeys(r.skipped for r in skipped):
+            names = ", ".join(r.protocol for r in skipped if r.skipped == reason)
+            log(f"{spec.name}: skipped protocol(s) {names}, raw data not found: {reason}")
     return results

@@ -286,7 +286,8 @@ def load_clip(
        weights this raises `PretrainedWeightsUnavailableError`, never a random model.
     2. ``load_clip(checkpoint="ViT-L-14-336px.pt", image_size=518)``: a local OpenAI archive, state dict
        ``.pt``, ``.safetensors`` or ``.npz``. The architecture is inferred from the shapes (OpenAI rules,
-       QuickGELU), or taken from the open_clip config ``model`` when given.
+       QuickGELU), or taken from the open_clip config ``model`` when given. One line on stdout names the file
+       (open_clip's "initialized randomly" warning for the model it builds first is silenced).
     3. ``load_clip(state_dict=sd)``: an OpenAI-format state dict in memory (same inference).
     4. ``load_clip("zsad-tiny", image_size=112)``: a built-in tiny random configuration (offline tests),
        initialised deterministically from ``seed`` without touching the global RNG. Any other open_clip name
@@ -342,8 +343,10 @@ def load_clip(
                 weights, quick_gelu=quick_gelu, vision_heads=vision_heads, text_heads=text_heads, source=source
             )
         else:
-            clip = _create_open_clip(model, None, quick_gelu, cache_dir, seed)
+            clip = _create_open_clip(model, None, quick_gelu, cache_dir, seed, weights_follow=True)
             _load_weights(clip, weights, source)
+        if checkpoint is not None:
+            print(f"zsadkit: loaded CLIP weights ({model or 'architecture inferred from the weights'}) from {source}")
         model_name = model or "openai-state-dict"
     else:
         if open_clip.get_model_config(model) is None:
@@ -386,7 +389,10 @@ def _create_open_clip(
     quick_gelu: bool | None,
     cache_dir: str | os.PathLike | None,
     seed: int,
+    weights_follow: bool = False,
 ) -> CLIP:
+    """open_clip's model; `weights_follow` (weights are loaded from a file next) silences its "initialized
+    randomly" warning, as for the built-in random models, where random weights are the point."""
     if open_clip.get_model_config(model) is None:
         raise ValueError(f"load_clip: unknown open_clip model {model!r}; see open_clip.list_models()")
     overrides = {} if quick_gelu is None else {"quick_gelu": quick_gelu}
@@ -399,7 +405,7 @@ def _create_open_clip(
             )
         if quick_gelu is None:
             overrides["quick_gelu"] = bool(tag_cfg.get("quick_gelu", False))
-    quiet = model in BUILTIN_RANDOM_MODELS  # open_clip logs "initialized randomly", which is the point here
+    quiet = weights_follow or model in BUILTIN_RANDOM_MODELS  # open_clip would log "initialized randomly"
     previous_disable = logging.root.manager.disable
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
