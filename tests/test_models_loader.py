@@ -26,7 +26,6 @@ from zsadkit.models import (
 from zsadkit.models.loader import CONFIG_DIR
 
 FIXTURES = Path(__file__).parent / "fixtures"
-CONFIG_DIR = Path(__file__).parent.parent / "zsadkit" / "models" / "configs"
 
 
 def _state_dict(name: str) -> dict[str, torch.Tensor]:
