@@ -1,11 +1,14 @@
 """HeadCLIP: domain adaptation of attention heads for zero-shot anomaly detection (Jeong, Heo, Son, Kang; arXiv
 2505.22259). **A reconstruction from the abstract** (`FIDELITY = "reconstructed"`): every output says so.
 
-What is known, and where (docs/headclip.md lists every place searched): only the abstract (v1 and v2,
-arxiv.org/html/2505.22259v1 and v2, whose stored copies stop after the first lines of Sec. 1), the
-sciencestack.ai TL;DR and the front matter. The official code (github.com/kiyoonjeong0305/HeadCLIP, named in the v2
-abstract) could not be fetched, and no method section, equation, hyper-parameter, table or third-party
-re-implementation was found. So:
+What is known, and where: only the abstract (v1 and v2, arxiv.org/html/2505.22259v1 and v2, whose stored copies
+stop after the first lines of Sec. 1), the sciencestack.ai TL;DR and the front matter. The official code
+(github.com/kiyoonjeong0305/HeadCLIP, named in the v2 abstract) could not be fetched, and no method section,
+equation, hyper-parameter, table or third-party re-implementation was found. Places tried (queries listed in
+docs/headclip.md): the repository under both spellings (fetch, file index), repositories of the authors and their
+lab, exact strings ("HeadCLIP", "learnable head weights", "joint anomaly score", the arXiv id, the title), arXiv
+HTML, sciencestack, sotaverified, arxivlens, tomesphere, emergentmind, deeppaper, catalyzex, arXiv digests; no
+stored copy of OpenReview, Semantic Scholar, alphaxiv, papers-with-code, Hugging Face papers or ar5iv. So:
 
 * [known] learnable prompts in the text encoder "generalize the concepts of normality and abnormality";
 * [known] learnable head weights (LHW) in the image encoder "dynamically adjust the features held by each
