@@ -89,6 +89,7 @@ clip = cfg.load_backbone()
 definition = mad_metrics(pro)
 definition.update({level: [tuple(pair) for pair in pairs]
                    for level, pairs in (("pixel", mad_pixel_metrics), ("image", mad_image_metrics)) if pairs})
+print("mAD definition:", {level: "+".join(f"{lv}/{m}" for lv, m in pairs) for level, pairs in definition.items()})
 
 # %% [markdown]
 # ## The grid
