@@ -492,6 +492,7 @@ class HeadCLIP(AnomalyCLIP):
         return self.score_parts(self.features_from_rows(rows), self.frozen_text_for_images(list(rows["class_name"])))
 
     def fingerprint(self) -> dict[str, object]:
+        """What besides the training settings and samples determines the trained prompts and head weights."""
         return {"config": asdict(self.config), "fidelity": FIDELITY,
                 "backbone_weights": module_fingerprint(self.text.clip)}
 

@@ -210,7 +210,7 @@ def mad_rows(
     definition = {level: [tuple(pair) for pair in pairs] for level, pairs in (metrics or mad_metrics(pro)).items()}
     keys = [column for column in by if column in results.columns]
     frames = []
-    for group_key, group in results.groupby([*keys, "dataset"], sort=False):
+    for group_key, group in results.groupby([*keys, "dataset"], sort=False, dropna=False):
         available = set(zip(group["level"], group["metric"], strict=True))
         for pairs in definition.values():
             if all(pair in available for pair in pairs):  # e.g. no pixel metrics on an image-level-only dataset
