@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import fixture_arrays
 
-from zsadkit.models import AttentionVariant, VisualEncoder, sliding_windows
+from zsadkit.models import AttentionVariant, StreamState, VisualEncoder, sliding_windows
 from zsadkit.models.attention import head_attention
 
 TOL = {"rtol": 1e-5, "atol": 1e-5}
@@ -143,6 +143,45 @@ def test_stop_early_returns_the_same_taps_without_global(encoder, images):
         early = encoder(images, [2], attention=AttentionVariant(("vv",), 2), return_global=False)
     assert early.global_embedding is None and early.final_tokens is None
     torch.testing.assert_close(early.layer_tokens[0], full.layer_tokens[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("next_layer", [1, 2, 3, 4])
+@pytest.mark.parametrize("dpam", [False, True])
+def test_forward_resumed_from_a_stream_state_equals_the_full_forward(encoder, images, next_layer, dpam):
+    """Stopping before a block and resuming there (HeadCLIP's cache of the frozen blocks) changes nothing, with
+    head weights on both streams after the state and DPAM starting before, at or after it."""
+    attention = AttentionVariant(("vv",), first_layer=2) if dpam else None
+    late = range(max(next_layer, 2 if dpam else 1), 5)
+    weights = {layer: torch.tensor([0.7, 1.6]) for layer in range(next_layer, 5)}
+    side_weights = {layer: torch.tensor([1.3, 0.4]) for layer in late} if dpam else None
+    options = dict(tokens="raw", global_ln_post=False, attention=attention, head_weights=weights,
+                   side_head_weights=side_weights)
+    with torch.no_grad():
+        full = encoder(images, range(next_layer, 5), **options)
+        state = encoder.stream_state(images, next_layer, attention=attention)
+        resumed = encoder(None, range(next_layer, 5), start=state, **options)
+    assert state.next_layer == next_layer and (state.side is not None) == (dpam and next_layer > 2)
+    for ours, expected in zip(resumed.layer_tokens, full.layer_tokens, strict=True):
+        torch.testing.assert_close(ours, expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(resumed.global_embedding, full.global_embedding, rtol=0, atol=1e-6)
+
+
+def test_a_stream_state_that_does_not_fit_the_forward_is_refused(encoder, images):
+    dpam = AttentionVariant(("vv",), first_layer=2)
+    with torch.no_grad():
+        state = encoder.stream_state(images, 3, attention=dpam)
+    with pytest.raises(ValueError, match=r"layers or hooks \[2\] precede the start state"):
+        encoder(None, [2, 4], start=state, attention=dpam)
+    with pytest.raises(ValueError, match="has a side stream"):
+        encoder(None, [4], start=state)
+    with pytest.raises(ValueError, match="lacks a side"):
+        encoder(None, [4], start=StreamState(3, state.hidden), attention=dpam)
+    with pytest.raises(ValueError, match="images or a start state, not both"):
+        encoder(images, [4], start=state, attention=dpam)
+    with pytest.raises(ValueError, match="hooks at \\[3\\] belong to the resumed forward"):
+        encoder.stream_state(images, 3, head_weights={3: torch.ones(2)})
+    with pytest.raises(ValueError, match="next_layer is 1-indexed"):
+        encoder.stream_state(images, 5)
 
 
 def test_sliding_windows_enumerate_row_major_patch_indices():

@@ -212,6 +212,10 @@ class AnomalyCLIP(nn.Module):
         config: `AnomalyCLIPConfig`.
     """
 
+    #: the `format` metadata of `save_prompts` files, and the config fields a saved file must agree on to load
+    checkpoint_format: str = CHECKPOINT_FORMAT
+    saved_config_fields: tuple[str, ...] = PROMPT_FIELDS
+
     def __init__(self, clip: nn.Module, config: AnomalyCLIPConfig | None = None) -> None:
         super().__init__()
         self.config = config or AnomalyCLIPConfig()
@@ -456,7 +460,7 @@ class AnomalyCLIP(nn.Module):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {name: value.detach().cpu().contiguous() for name, value in self.trainable_parameters().items()}
-        save_file(tensors, str(path), metadata={"format": CHECKPOINT_FORMAT, "config": self.config.to_json(),
+        save_file(tensors, str(path), metadata={"format": self.checkpoint_format, "config": self.config.to_json(),
                                                 **dict(metadata or {})})
         return path
 
@@ -465,7 +469,7 @@ class AnomalyCLIP(nn.Module):
         an official `{"prompt_learner": ...}` .pth checkpoint (e.g. the released `epoch_15.pth`)."""
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"AnomalyCLIP prompts {path} do not exist")
+            raise FileNotFoundError(f"{type(self).__name__} prompts {path} do not exist")
         if path.suffix == ".safetensors":
             self.check_saved_config(path)
             state = load_file(str(path), device="cpu")
@@ -478,11 +482,11 @@ class AnomalyCLIP(nn.Module):
 
     def check_saved_config(self, path: str | Path) -> None:
         """Raise a ValueError when the configuration saved with prompts (`save_prompts` metadata "config", or a
-        training checkpoint's fingerprint) differs from this model's in a `PROMPT_FIELDS` field (same shapes can
-        hold prompts of another word or layout). Files without a saved configuration are only shape-checked."""
+        training checkpoint's fingerprint) differs from this model's in a `saved_config_fields` field (same shapes
+        can hold prompts of another word or layout). Files without a saved configuration are only shape-checked."""
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
-        if "config" in metadata and metadata.get("format") == CHECKPOINT_FORMAT:
+        if "config" in metadata and metadata.get("format") == self.checkpoint_format:
             saved = json.loads(metadata["config"])
         elif "fingerprint" in metadata:
             saved = json.loads(metadata["fingerprint"]).get("config")
@@ -491,10 +495,10 @@ class AnomalyCLIP(nn.Module):
         if not isinstance(saved, dict):
             return
         own = json.loads(self.config.to_json())
-        differing = [f"{name}: saved {saved[name]!r}, model {own[name]!r}" for name in PROMPT_FIELDS
+        differing = [f"{name}: saved {saved[name]!r}, model {own[name]!r}" for name in self.saved_config_fields
                      if name in saved and saved[name] != own[name]]
         if differing:
-            raise ValueError(f"AnomalyCLIP prompts {path} were learned with another prompt configuration "
+            raise ValueError(f"{type(self).__name__} prompts {path} were learned with another prompt configuration "
                              f"({'; '.join(differing)}); build the model with the saved settings")
 
     def load_prompt_state(self, state: Mapping[str, torch.Tensor], source: str = "state dict") -> None:
@@ -504,7 +508,7 @@ class AnomalyCLIP(nn.Module):
         wrong = [f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in state
                  and state[k].shape != own[k].shape]
         if missing or unexpected or wrong:
-            raise ValueError(f"AnomalyCLIP prompts {source} do not fit this configuration: missing {missing}, "
+            raise ValueError(f"{type(self).__name__} prompts {source} do not fit this configuration: missing {missing}, "
                              f"unexpected {unexpected}, wrong shapes {wrong}")
         with torch.no_grad():
             for name, parameter in own.items():

@@ -25,7 +25,13 @@ from zsadkit.models.loader import (
 )
 from zsadkit.models.pos_embed import resize_position_embedding, set_visual_image_size
 from zsadkit.models.text import TextEncoder, tokenize
-from zsadkit.models.visual import AttentionVariant, VisualEncoder, VisualFeatures, sliding_windows
+from zsadkit.models.visual import (
+    AttentionVariant,
+    StreamState,
+    VisualEncoder,
+    VisualFeatures,
+    sliding_windows,
+)
 
 __all__ = [
     "load_backbone",
@@ -36,6 +42,7 @@ __all__ = [
     "ClipSource",
     "HeadWeighting",
     "PretrainedWeightsUnavailableError",
+    "StreamState",
     "TextEncoder",
     "VisualEncoder",
     "VisualFeatures",

@@ -12,6 +12,10 @@ without copying its weights. One forward returns, for a list of 1-indexed layers
   standard CLIP, so the global embedding is unchanged. Tapped layers ≥ ``first_layer`` return the side stream.
 * ``path="single"`` (AA-CLIP stage 1): the variant replaces the attention in the residual stream, MLP kept.
 
+A forward can stop before a block (`VisualEncoder.stream_state`) and resume there later
+(`VisualEncoder.forward(start=...)`), with the same result as one full forward: methods that train parameters
+inside the tower from some block on (HeadCLIP's head weights) cache the frozen blocks before it.
+
 Layers are 1-indexed, as in the papers. Nothing here is wrapped in ``torch.no_grad()``: callers that freeze the
 tower (AnomalyCLIP) wrap the call themselves; methods that train adapters inside it need the graph.
 
@@ -117,6 +121,22 @@ class VisualFeatures:
         return tuple(tokens[:, 1:] for tokens in self.layer_tokens)
 
 
+@dataclass
+class StreamState:
+    """The stream(s) entering block `next_layer`: where a forward stopped by `VisualEncoder.stream_state` resumes.
+
+    Attributes:
+        next_layer: the first 1-indexed block still to run.
+        hidden: (B, 1+N, W) residual stream after block ``next_layer - 1`` (the `embed` output when 1).
+        side: (B, 1+N, W) dual-path side stream after block ``next_layer - 1``; None when no dual-path variant
+            is active before ``next_layer``.
+    """
+
+    next_layer: int
+    hidden: torch.Tensor
+    side: torch.Tensor | None = None
+
+
 def sliding_windows(grid_size: int, window: int, stride: int = 1) -> torch.Tensor:
     """Patch indices of all square windows on a G×G patch grid (row-major windows, row-major inside).
 
@@ -219,7 +239,7 @@ class VisualEncoder(nn.Module):
 
     def forward(
         self,
-        images: torch.Tensor,
+        images: torch.Tensor | None,
         layers: Sequence[int] = (),
         *,
         tokens: TokenOutput = "projected",
@@ -229,11 +249,12 @@ class VisualEncoder(nn.Module):
         side_head_weights: Mapping[int, HeadWeighting] | None = None,
         adapters: Mapping[int, Adapter] | None = None,
         return_global: bool = True,
+        start: StreamState | None = None,
     ) -> VisualFeatures:
         """Run the image tower once, batched, and return tapped layers and the global embedding.
 
         Args:
-            images: (B, 3, S, S) normalised images.
+            images: (B, 3, S, S) normalised images; None when resuming from `start`.
             layers: 1-indexed blocks whose output to return (AnomalyCLIP: ``[24]``; VAND: ``[6, 12, 18, 24]``).
             tokens: ``"projected"`` (``ln_post`` then ``proj``; AnomalyCLIP, CLIP baseline), ``"ln_post"``
                 (AA-CLIP's own projections) or ``"raw"`` (VAND, InCTRL).
@@ -245,11 +266,80 @@ class VisualEncoder(nn.Module):
             adapters: {layer: module} applied to the residual stream after that block (AA-CLIP residual
                 adapters: the module returns the fused tokens, e.g. ``λ·Â(h) + (1−λ)·h``).
             return_global: False stops after the deepest tapped layer and returns no global embedding.
+            start: resume from a `stream_state` (same `attention`; the earlier blocks' hooks were applied when it
+                was made); `layers` and hooks must then be at or after ``start.next_layer``.
 
         Returns:
             `VisualFeatures`.
         """
         layers = tuple(int(layer) for layer in layers)
+        num_layers = self.num_layers
+        if not return_global and not layers:
+            raise ValueError("return_global=False needs at least one layer to tap")
+        last_layer = num_layers if return_global else max(layers)
+        hooks = self._checked_hooks(layers, attention, head_weights, side_head_weights, adapters)
+        if start is None:
+            if images is None:
+                raise ValueError("VisualEncoder.forward needs images or a start state")
+            start = StreamState(1, self.embed(images))
+        elif images is not None:
+            raise ValueError("VisualEncoder.forward takes images or a start state, not both")
+        else:
+            self._check_start(start, attention, layers, hooks)
+        hidden, side, taps = self._run_blocks(start, last_layer, attention, *hooks, layers)
+
+        global_embedding = None
+        if return_global:
+            cls_token = hidden[:, 0]
+            if global_ln_post:
+                cls_token = self.visual.ln_post(cls_token)
+            global_embedding = cls_token @ self.visual.proj
+        return VisualFeatures(
+            layers=layers,
+            layer_tokens=tuple(self.project_tokens(taps[layer], tokens) for layer in layers),
+            global_embedding=global_embedding,
+            final_tokens=hidden if last_layer == num_layers else None,
+        )
+
+    def stream_state(
+        self,
+        images: torch.Tensor,
+        next_layer: int,
+        *,
+        attention: AttentionVariant | None = None,
+        head_weights: Mapping[int, HeadWeighting] | None = None,
+        side_head_weights: Mapping[int, HeadWeighting] | None = None,
+        adapters: Mapping[int, Adapter] | None = None,
+    ) -> StreamState:
+        """Run blocks 1 .. ``next_layer - 1`` and return the stream(s) entering block `next_layer`.
+
+        ``forward(None, layers, start=stream_state(images, l, ...), ...)`` equals ``forward(images, layers, ...)``
+        for the same `attention` and hooks (the hooks before `l` given here, those from `l` on to `forward`).
+
+        Args:
+            images: (B, 3, S, S) normalised images.
+            next_layer: 1-indexed block where the forward will resume, in [1, num_layers].
+            attention, head_weights, side_head_weights, adapters: as in `forward`, for the blocks before it.
+        """
+        if not 1 <= next_layer <= self.num_layers:
+            raise ValueError(f"next_layer is 1-indexed in [1, {self.num_layers}], got {next_layer}")
+        hooks = self._checked_hooks((), attention, head_weights, side_head_weights, adapters)
+        late = sorted(layer for hook in hooks for layer in hook if layer >= next_layer)
+        if late:
+            raise ValueError(f"stream_state(next_layer={next_layer}) runs blocks before it only; hooks at {late} "
+                             "belong to the resumed forward")
+        hidden, side, _ = self._run_blocks(StreamState(1, self.embed(images)), next_layer - 1, attention, *hooks, ())
+        return StreamState(next_layer, hidden, side)
+
+    def _checked_hooks(
+        self,
+        layers: Sequence[int],
+        attention: AttentionVariant | None,
+        head_weights: Mapping[int, HeadWeighting] | None,
+        side_head_weights: Mapping[int, HeadWeighting] | None,
+        adapters: Mapping[int, Adapter] | None,
+    ) -> tuple[dict[int, HeadWeighting], dict[int, HeadWeighting], dict[int, Adapter]]:
+        """The hooks as dicts, after checking every layer index."""
         num_layers = self.num_layers
         head_weights = dict(head_weights or {})
         side_head_weights = dict(side_head_weights or {})
@@ -263,14 +353,40 @@ class VisualEncoder(nn.Module):
         if side_head_weights and (attention is None or attention.path != "dual"
                                   or min(side_head_weights) < first_variant):
             raise ValueError("side_head_weights need a dual-path AttentionVariant active at those layers")
-        if not return_global and not layers:
-            raise ValueError("return_global=False needs at least one layer to tap")
-        last_layer = num_layers if return_global else max(layers)
+        return head_weights, side_head_weights, adapters
 
-        hidden = self.embed(images)
-        side: torch.Tensor | None = None
+    def _check_start(
+        self, start: StreamState, attention: AttentionVariant | None, layers: Sequence[int], hooks: Sequence[Mapping]
+    ) -> None:
+        """A start state must fit the layers asked for and the attention variant (side stream or not)."""
+        if not 1 <= start.next_layer <= self.num_layers:
+            raise ValueError(f"start.next_layer is 1-indexed in [1, {self.num_layers}], got {start.next_layer}")
+        early = sorted({layer for layer in layers if layer < start.next_layer}
+                       | {layer for hook in hooks for layer in hook if layer < start.next_layer})
+        if early:
+            raise ValueError(f"layers or hooks {early} precede the start state (block {start.next_layer}); "
+                             "make the state earlier")
+        side_expected = attention is not None and attention.path == "dual" and attention.first_layer < start.next_layer
+        if side_expected != (start.side is not None):
+            raise ValueError(f"start state at block {start.next_layer} {'lacks' if side_expected else 'has'} a side "
+                             f"stream but the attention variant {attention} {'has' if side_expected else 'has none'} "
+                             "before that block; make the state with the same attention")
+
+    def _run_blocks(
+        self,
+        start: StreamState,
+        last_layer: int,
+        attention: AttentionVariant | None,
+        head_weights: Mapping[int, HeadWeighting],
+        side_head_weights: Mapping[int, HeadWeighting],
+        adapters: Mapping[int, Adapter],
+        layers: Sequence[int],
+    ) -> tuple[torch.Tensor, torch.Tensor | None, dict[int, torch.Tensor]]:
+        """Blocks ``start.next_layer`` .. `last_layer`: the final (hidden, side) streams and the tapped tokens."""
+        first_variant = attention.first_layer if attention is not None else self.num_layers + 1
+        hidden, side = start.hidden, start.side
         taps: dict[int, torch.Tensor] = {}
-        for layer in range(1, last_layer + 1):
+        for layer in range(start.next_layer, last_layer + 1):
             block = self.blocks[layer - 1]
             variant_active = layer >= first_variant
             if not variant_active and layer not in head_weights:
@@ -292,19 +408,7 @@ class VisualEncoder(nn.Module):
                 hidden = adapters[layer](hidden)
             if layer in layers:
                 taps[layer] = side if side is not None else hidden
-
-        global_embedding = None
-        if return_global:
-            cls_token = hidden[:, 0]
-            if global_ln_post:
-                cls_token = self.visual.ln_post(cls_token)
-            global_embedding = cls_token @ self.visual.proj
-        return VisualFeatures(
-            layers=layers,
-            layer_tokens=tuple(self.project_tokens(taps[layer], tokens) for layer in layers),
-            global_embedding=global_embedding,
-            final_tokens=hidden if last_layer == num_layers else None,
-        )
+        return hidden, side, taps
 
     def encode_windows(
         self, images: torch.Tensor, windows: torch.Tensor, *, windows_per_pass: int | None = None
