@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.zsadkit-installed
 PROFILE ?= smoke
 
-.PHONY: install reproduce test test-all lint strip notebooks clean-results
+.PHONY: install reproduce test test-all lint strip notebooks lab clean-results
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,9 +29,13 @@ test-all: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check zsadkit tests benchmarks
 
+## Open the notebooks in JupyterLab on the project's venv (outputs of notebooks run by hand go to results/scratch/).
+lab: $(STAMP)
+	$(BIN)/jupyter lab notebooks/
+
 ## Regenerate notebooks/*.ipynb (without outputs) from their jupytext py:percent sources.
 notebooks: $(STAMP)
-	$(BIN)/jupytext --to ipynb notebooks/[0-9]*.py
+	$(BIN)/jupytext --update --to ipynb notebooks/[0-9]*.py
 
 strip: $(STAMP)
 	$(BIN)/nbstripout notebooks/*.ipynb

@@ -40,7 +40,7 @@ from zsadkit.data import batches
 from zsadkit.data.transforms import OPENAI_MEAN, OPENAI_STD
 from zsadkit.engine import evaluate
 from zsadkit.experiment import RunConfig, load_split
-from zsadkit.results import tidy, write_results
+from zsadkit.results import tidy, wide_table, write_results
 
 cfg = RunConfig.from_parameters(globals())
 print(cfg.banner())
@@ -70,9 +70,9 @@ rows = evaluate(
 )
 results = tidy(rows, cfg.provenance("clip"))
 write_results(results, output / "results.csv")
-table = results.pivot_table(index="class_name", columns=["level", "metric"], values="value") * 100
+table = wide_table(results, "class_name", ["level", "metric"])
 print(f"wrote {output / 'results.csv'}" + (" (random weights: pipeline check only)" if not cfg.pretrained else ""))
-table.round(1)
+table
 
 # %% [markdown]
 # ## Anomaly maps
@@ -96,6 +96,6 @@ for row, sample in enumerate(anomalous):
         axes[row, col].imshow(panel, cmap=None if col == 0 else "jet" if col == 2 else "gray")
         axes[row, col].set_title(f"{sample.class_name}/{sample.defect}: {title}" if col == 0 else title, fontsize=8)
         axes[row, col].axis("off")
-fig.suptitle(cfg.banner() if not cfg.pretrained else f"CLIP zero-shot, {cfg.backbone}", fontsize=7, wrap=True)
+fig.suptitle(f"CLIP zero-shot, {cfg.backbone}", fontsize=9)
 fig.tight_layout()
-fig.savefig(output / "anomaly_maps.png", dpi=100)
+cfg.save_figure(fig, output / "anomaly_maps.png", dpi=100)

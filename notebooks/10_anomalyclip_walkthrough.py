@@ -16,7 +16,8 @@
 # (zqhang/AnomalyCLIP @ 45ed4dd) and is checked against its outputs by `python -m zsadkit.verify anomalyclip`.
 #
 # 1. **Prompts** (Sec. 3.2): two object-agnostic prompts "[V1..VE] object." / "[W1..WE] damaged object." with
-#    separate learnable contexts, plus deep prompts that overwrite tokens 1..4 before text layers 2..9.
+#    separate learnable contexts, plus deep prompts that overwrite tokens 1..4 before text layers 2..9 (ViT-L/14;
+#    the cell below prints the layers of the backbone in use).
 # 2. **DPAM** (Sec. 3.3): a side stream with V-V attention, whose attention maps are diagonally prominent.
 # 3. **One training step** (Sec. 3.4): global cross-entropy + λ × (focal + 2 dice) on the local map.
 # 4. **Anomaly maps**: softmax(cos / 0.07) per patch, upsampled, summed over layers, Gaussian σ = 4.
@@ -38,7 +39,7 @@ train_seed = 0  # seed of the initial prompts (used when no checkpoint is given)
 batch_size = 8
 dataset = ""  # test images; empty: synth-target (smoke) or mvtec (paper)
 train_set = ""  # auxiliary data of the training step; empty: synth-aux (smoke) or visa (paper)
-checkpoint = ""  # trained prompts (.safetensors or the official epoch_15.pth); empty: initial prompts
+checkpoint = ""  # trained prompts (.safetensors or the official epoch_15.pth); empty: 11_anomalyclip_tables' own
 sample_index = 0  # which anomalous test image the figures show
 attention_layer = 0  # vision layer of the attention figure (1-indexed); 0: the last feature layer
 n_figure_samples = 4
@@ -63,8 +64,18 @@ output = cfg.output / "anomalyclip" / "walkthrough"
 output.mkdir(parents=True, exist_ok=True)
 
 clip = cfg.load_backbone()
+trained = cfg.output / "anomalyclip" / f"prompts_{train_set}.safetensors"  # written by 11_anomalyclip_tables
+if not checkpoint and trained.is_file():
+    checkpoint = str(trained)
 model = cfg.build("anomalyclip", clip=clip, checkpoint=checkpoint)
-print(model.config)
+print(f"prompts: {checkpoint}" if checkpoint else
+      f"prompts: UNTRAINED (their random initialisation; run 11_anomalyclip_tables first to use the prompts it "
+      f"trains on {train_set})")
+config = model.config
+print(f"this backbone: {model.visual.num_layers} vision layers, {len(model.text.blocks)} text layers; "
+      f"features from layer(s) {list(config.feature_layers)}, DPAM from layer {config.dpam_first_layer}, "
+      f"deep prompts before text layers 2..{config.deep_depth} (ViT-L/14 as released: layer 24, DPAM from 6, "
+      "text layers 2..9)")
 
 # %% [markdown]
 # ## 1. Object-agnostic prompts (Sec. 3.2, Eq. 2–3)
@@ -92,7 +103,8 @@ token_table
 # CLIP's Q-K attention lets every patch attend to a few global "register-like" tokens, which blurs local
 # semantics. Q-Q, K-K and V-V attention compare a token with tokens *like itself*, so the attention matrix is
 # diagonally prominent and local features keep their own content. AnomalyCLIP adds a V-V side stream from layer
-# 6 on (no MLP; the original stream is untouched) and reads the local tokens from it.
+# 6 of 24 on (no MLP; the original stream is untouched) and reads the local tokens from it; the figure uses the
+# layers of the backbone in use (printed above).
 
 # %%
 samples = load_split(cfg, dataset, split="test")
@@ -132,7 +144,7 @@ def plot_attention(layer: int):
 
 
 fig, maps = plot_attention(layer)
-fig.savefig(output / "dpam_attention.png", dpi=100)
+cfg.save_figure(fig, output / "dpam_attention.png", dpi=100)
 diagonal = pd.DataFrame(
     [{"layer": layer, "variant": f"{m[0].upper()}-{m[1].upper()}", "diagonal_mass": float(a.diag().mean()),
       "uniform_would_be": 1 / a.shape[0]} for m, a in maps.items()]
@@ -160,7 +172,7 @@ for axis, (panel, title, cmap) in zip(axes, panels, strict=True):
     axis.set_title(title, fontsize=8)
     axis.axis("off")
 fig.tight_layout()
-fig.savefig(output / "local_features_qk_vs_vv.png", dpi=100)
+cfg.save_figure(fig, output / "local_features_qk_vs_vv.png", dpi=100)
 
 # %% [markdown]
 # ## 4. One training step (Sec. 3.4, Eq. 4)
@@ -179,9 +191,9 @@ features = step_model.encode_image(train_batch["image"].to(cfg.device))
 records = []
 for step in range(2):
     losses = step_model.losses(features, train_batch["mask"], train_batch["label"], list(train_batch["class_name"]))
-    records.append({"step": step, "total": float(losses["loss"]), "global CE": float(losses["image"]),
-                    "λ·local": float(losses["local"]),
-                    **{f"layer {number} {term}": float(v)
+    records.append({"step": step, "total": float(losses["loss"].detach()), "global CE": float(losses["image"].detach()),
+                    "λ·local": float(losses["local"].detach()),
+                    **{f"layer {number} {term}": float(v.detach())
                        for number, row in zip(model.config.feature_layers, losses["per_layer"], strict=True)
                        for term, v in zip(("focal", "dice(S_a,S)", "dice(S_n,1-S)"), row, strict=True)}})
     if step == 0:
@@ -223,12 +235,11 @@ def plot_maps(rows: list[int]):
             axes[r, c].imshow(panel, cmap=cmap)
             axes[r, c].set_title(title, fontsize=8)
             axes[r, c].axis("off")
-    fig.suptitle(cfg.banner(), fontsize=7, wrap=True)
     fig.tight_layout()
     return fig
 
 
-plot_maps(list(range(len(shown)))).savefig(output / "anomaly_maps.png", dpi=100)
+cfg.save_figure(plot_maps(list(range(len(shown)))), output / "anomaly_maps.png", dpi=100)
 
 # %% [markdown]
 # ## Explore (interactive sessions only)

@@ -49,10 +49,10 @@ cache_dtype = "float32"  # "float16" halves the cache (ViT-L @518: ~3.6 GB inste
 import pandas as pd
 
 from zsadkit.engine import evaluate
-from zsadkit.experiment import RunConfig, load_split
+from zsadkit.experiment import RunConfig, interactive_session, load_split
 from zsadkit.protocols import beside_published, paper_tables, protocol
 from zsadkit.recipes.anomalyclip import fit
-from zsadkit.results import tidy, write_results
+from zsadkit.results import tidy, wide_table, write_results
 from zsadkit.training import TrainConfig
 
 cfg = RunConfig.from_parameters(globals())
@@ -78,7 +78,7 @@ for train_set, test_sets in runs:
         train_config = TrainConfig(epochs=epochs, batch_size=train_batch_size, lr=learning_rate, seed=cfg.train_seed,
                                    checkpoint_dir=str(checkpoint_dir), resume=not retrain)
         result = fit(model, train_samples, train_config, cache_root=cache_root or None, cache_dtype=cache_dtype,
-                     device=cfg.device, progress=True)
+                     device=cfg.device, progress=interactive_session())
         checkpoint = str(model.save_prompts(output / f"prompts_{train_set}.safetensors",
                                             metadata={"train_set": train_set, "epochs": str(epochs)}))
         training_logs += [{"train_set": train_set, **row} for row in result.log]
@@ -104,10 +104,12 @@ pd.DataFrame(training_logs).to_csv(output / "training_log.csv", index=False)
 tables = paper_tables(results, "anomalyclip", pro)
 for name, table in tables.items():
     write_results(table, output / f"{name}.csv")
-print(", ".join(f"wrote {output / name}.csv ({len(table)} rows)" for name, table in tables.items())
-      + ("; random weights: the numbers check the pipeline only" if not cfg.pretrained else ""))
-reported_rows = pd.concat(tables.values())
-(reported_rows.pivot_table(index=["dataset", "class_name"], columns=["level", "metric"], values="value") * 100).round(1)
+    domain = protocol("anomalyclip").tables[name]
+    print(f"wrote {output / name}.csv: {len(table)} rows" if len(table) else
+          f"wrote {output / name}.csv empty: none of this run's test sets {sorted(set(results.dataset))} is {domain}")
+if not cfg.pretrained:
+    print("random weights: the numbers check the pipeline only")
+wide_table(pd.concat(tables.values()), ["dataset", "class_name"], ["level", "metric"])
 
 # %% [markdown]
 # ## Beside the published values

@@ -191,16 +191,19 @@ means = means[means.class_name == "mean"]
 # %%
 figure_metrics = [m for m in (("pixel", "auroc"), ("pixel", f"aupro_{pro}"), ("image", "auroc"), ("image", "ap"))
                   if m in set(zip(means.level, means.metric, strict=True))]
-fig, axes = plt.subplots(1, 5, figsize=(18, 3.4))
-for axis, (table, prefix) in zip(axes, [("Fig. 6", ""), ("Fig. 8", "E"), ("Fig. 8", "M"), ("Fig. 8", "L"),
-                                        ("Fig. 8", "N")], strict=True):
+panels = [("Fig. 6", "", "attention of the DPAM side stream"), ("Fig. 8", "E", "E: context words per prompt"),
+          ("Fig. 8", "M", "M: text layers with deep prompts"), ("Fig. 8", "L", "L: tokens per deep prompt"),
+          ("Fig. 8", "N", "N: feature layers (λ = 4/N)")]
+fig, axes = plt.subplots(1, len(panels), figsize=(18, 3.8), sharey=True)
+for axis, (table, prefix, x_label) in zip(axes, panels, strict=True):
     part = means[(means.table == table) & means.variant.str.startswith(prefix)]
     for level, metric in figure_metrics:
         values = part[(part.level == level) & (part.metric == metric)]
         labels = values.variant.str.split(" = ").str[-1] if prefix else values.variant
         axis.plot(labels.to_numpy(), (values.value * 100).to_numpy(), marker="o", label=f"{level} {metric}")
-    axis.set_title(f"{table} {prefix}".strip() + f" ({'; '.join(sorted(set(part.dataset)))})", fontsize=8)
+    axis.set_title(f"{table} {prefix}".strip() + f" ({'; '.join(sorted(set(part.dataset)))})", fontsize=9)
+    axis.set_xlabel(x_label, fontsize=8)
+axes[0].set_ylabel("class mean (%)")
 axes[0].legend(fontsize=7)
-fig.suptitle(cfg.banner(), fontsize=7)
 fig.tight_layout()
-fig.savefig(output / "ablation_figures.png", dpi=100)
+cfg.save_figure(fig, output / "ablation_figures.png", dpi=100)

@@ -74,7 +74,7 @@ from zsadkit.protocols import (
 )
 from zsadkit.recipes import coop as coop_recipe
 from zsadkit.recipes.vand import VandTrainingConfig, train_vand
-from zsadkit.results import tidy, write_results
+from zsadkit.results import tidy, wide_table, write_results
 
 cfg = RunConfig.from_parameters(globals())
 print(cfg.banner())
@@ -153,11 +153,14 @@ write_results(results, output / "results.csv")
 tables = paper_tables(results, "anomalyclip", pro)
 for name, table in tables.items():
     write_results(table, output / f"{name}.csv")
+    if not len(table):
+        print(f"{name}.csv is empty: none of this run's test sets {test_sets} is "
+              f"{protocol('anomalyclip').tables[name]}")
 if not cfg.pretrained:
     print("RANDOM weights: these numbers check the pipeline only and say nothing about the methods.")
 table = pd.concat(tables.values())
 means = table[table.class_name == "mean"]
-(means.pivot_table(index=["dataset", "level", "metric"], columns="method", values="value") * 100).round(1)
+wide_table(means, ["dataset", "level", "metric"], "method")
 
 # %% [markdown]
 # ## Beside the published values (AnomalyCLIP Tables 1 and 2, dataset means in percent)
@@ -175,9 +178,8 @@ for axis, level in zip(axes, ("image", "pixel"), strict=True):
     view.pivot_table(index="dataset", columns="method", values="value").plot.bar(ax=axis, rot=0)
     axis.set_title(f"{level} AUROC (class mean)")
     axis.axhline(0.5, color="grey", lw=0.8, ls="--")
-fig.suptitle(cfg.banner(), fontsize=8)
 fig.tight_layout()
-fig.savefig(output / "baselines_auroc.png", dpi=120)
+cfg.save_figure(fig, output / "baselines_auroc.png")
 
 # %% [markdown]
 # ## WinCLIP+ with K = 1, 2, 4 normal reference images per class
@@ -214,7 +216,7 @@ if len(few_shot):
     axis.legend(fontsize=7)
     axis.set_title("WinCLIP+", fontsize=9)
     fig.tight_layout()
-    fig.savefig(output / "winclip_few_shot.png", dpi=120)
+    cfg.save_figure(fig, output / "winclip_few_shot.png")
     display_frame = few_comparison.dropna(subset=["ours"]).round(1)
 else:
     display_frame = pd.DataFrame()
@@ -253,5 +255,5 @@ for index, (name, detector) in enumerate(detectors.items()):
 for axis in axes:
     axis.axis("off")
 fig.tight_layout()
-fig.savefig(output / "example_maps.png", dpi=120)
+cfg.save_figure(fig, output / "example_maps.png")
 print(f"outputs in {output}: {sorted(p.name for p in output.iterdir() if p.is_file())}")

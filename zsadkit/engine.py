@@ -37,7 +37,7 @@ def predict(
     image_size: int,
     batch_size: int = 8,
     device: str | torch.device = "cpu",
-    progress: bool = True,
+    progress: bool = False,
 ) -> Iterator[tuple[dict, Prediction]]:
     """Yield (batch, prediction) pairs; the prediction's tensors are on the CPU."""
     loader = batches(samples, image_size, batch_size)
@@ -81,7 +81,7 @@ def evaluate(
     batch_size: int = 8,
     device: str | torch.device = "cpu",
     pro: str | None = "cflow200",
-    progress: bool = True,
+    progress: bool = False,
 ) -> pd.DataFrame:
     """Per-class and mean metric rows (dataset, class_name, level, metric, value, note) of `detector`.
 

@@ -129,6 +129,22 @@ class RunConfig:
                           image_size=self.image_size, train_set=train_set, profile=self.profile, shots=shots,
                           backbone_seed=self.backbone_seed, train_seed=train_seed, checkpoint=str(checkpoint))
 
+    def save_figure(self, fig: Any, path: str | Path, dpi: int = 120) -> Path:
+        """Save a matplotlib figure with this run's banner on top when the weights are random (a smoke figure must
+        never pass for a result), with nothing clipped (`bbox_inches="tight"`); the figure is closed."""
+        import matplotlib.pyplot as plt
+
+        if not self.pretrained:
+            title = fig._suptitle.get_text() if fig._suptitle is not None else ""
+            banner = self.banner()
+            if banner not in title:  # above the axes (the tight bounding box grows to hold it)
+                fig.suptitle(f"{title}\n{banner}" if title else banner, fontsize=8, y=1.0, va="bottom")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=dpi, bbox_inches="tight")
+        plt.close(fig)
+        return path
+
     def banner(self) -> str:
         """A line every notebook prints first, so no reader mistakes a smoke number for a result."""
         if not self.pretrained:

@@ -36,6 +36,7 @@ __all__ = [
     "read_results",
     "RESULT_COLUMNS",
     "tidy",
+    "wide_table",
     "write_results",
 ]
 
@@ -100,6 +101,22 @@ def tidy(metrics: pd.DataFrame, provenance: Provenance) -> pd.DataFrame:
     return frame[[*RESULT_COLUMNS[: RESULT_COLUMNS.index("note") + 1], *extra, *PROVENANCE_COLUMNS]].reset_index(
         drop=True
     )
+
+
+def wide_table(
+    frame: pd.DataFrame, index: str | list[str], columns: str | list[str], values: str = "value", scale: float = 100.0,
+    decimals: int = 1,
+) -> pd.DataFrame:
+    """A tidy frame as a readable table (values × `scale`, rounded), classes in order with the "mean" row last."""
+    table = frame.pivot_table(index=index, columns=columns, values=values, sort=False) * scale
+    table = table.sort_index(axis=1)
+    index_names = [index] if isinstance(index, str) else list(index)
+    if "class_name" in index_names:
+        level = index_names.index("class_name")
+        keys = [(key if isinstance(key, tuple) else (key,)) for key in table.index]
+        order = sorted(range(len(keys)), key=lambda i: (*keys[i][:level], keys[i][level] == "mean", keys[i][level]))
+        table = table.iloc[order]
+    return table.round(decimals)
 
 
 def write_results(frame: pd.DataFrame, path: str | Path) -> Path:
