@@ -3,10 +3,10 @@ them all, so `build_method("anomalyclip", ...)` knows every method.
 
     >>> from zsadkit.methods import build_method, registered_methods
     >>> registered_methods()
-    ['anomalyclip', 'clip', 'clip-ac', 'coop', 'vand', 'winclip']
+    ['anomalyclip', 'clip', 'clip-ac', 'coop', 'inctrl', 'vand', 'winclip']
 """
 
-from zsadkit.methods import anomalyclip, clip_baseline, coop, vand, winclip
+from zsadkit.methods import anomalyclip, clip_baseline, coop, inctrl, vand, winclip
 from zsadkit.methods.base import (
     Detector,
     FeatureModel,
@@ -24,6 +24,7 @@ __all__ = [
     "build_method",
     "clip_baseline",
     "coop",
+    "inctrl",
     "register_method",
     "registered_methods",
     "vand",
