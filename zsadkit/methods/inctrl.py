@@ -68,9 +68,22 @@ from torch import nn
 
 from zsadkit.losses import binary_focal_loss
 from zsadkit.maps import CLIP_TEMPERATURE
-from zsadkit.methods.base import Prediction, backbone_defaults, backbone_for, check_options, register_method, seeded
+from zsadkit.methods.base import (
+    Prediction,
+    backbone_defaults,
+    backbone_for,
+    check_options,
+    register_method,
+    seeded,
+)
 from zsadkit.models import TextEncoder, VisualEncoder, module_fingerprint
-from zsadkit.prompts import ClassTextFeatures, PromptEnsemble, class_phrase, class_text_features, encode_sentences
+from zsadkit.prompts import (
+    ClassTextFeatures,
+    PromptEnsemble,
+    class_phrase,
+    class_text_features,
+    encode_sentences,
+)
 from zsadkit.prompts import prompt_ensemble as named_prompt_ensemble
 
 __all__ = [
