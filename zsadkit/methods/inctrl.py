@@ -368,10 +368,13 @@ class InCTRL(nn.Module):
 
     # ----------------------------------------------------------------------------------------- scoring
     def score(self, query: ImageFeatures, prompts: ImageFeatures, class_names: Sequence[str]) -> InCTRLOutput:
-        """Scores of B queries, each against its own K prompts (prompts leading dims (B, K)).
-
-        The graph through the adapter and heads is kept (training); the heads' mode decides BatchNorm.
+        """Scores of B queries, each against its own K prompts (prompts leading dims (B, K)): `residuals`, then
+        `holistic`. The graph through the adapter and heads is kept (training); the heads' mode decides BatchNorm.
         """
+        return self.holistic(self.residuals(query, prompts, class_names))
+
+    def residuals(self, query: ImageFeatures, prompts: ImageFeatures, class_names: Sequence[str]) -> InCTRLOutput:
+        """Steps 1-3: the patch residual map M_p and s_p, the image residual F_I and s_i, the text prior s_a."""
         batch = query.patch_tokens.shape[0]
         if len(class_names) != batch or prompts.patch_tokens.shape[0] != batch:
             raise ValueError(f"score: {batch} queries, {prompts.patch_tokens.shape[0]} prompt sets, "
@@ -379,14 +382,13 @@ class InCTRL(nn.Module):
         if self.config.batch_reshape == "reference" and batch > 1:
             warnings.warn(f"batch_reshape='reference' at batch {batch}: queries are compared with other samples' "
                           "tokens and layers, as in the reference code (use batch 1 for its correct behaviour)",
-                          stacklevel=2)
+                          stacklevel=3)
         query_tokens, prompt_pools, prompt_embeddings = arrange_tokens(
             query.patch_tokens, prompts.patch_tokens, prompts.embedding, self.config.batch_reshape)
         # 1. Multi-layer patch-level residual map M_p and its maximum s_p.
         layer_residuals = patch_residuals(query_tokens, prompt_pools)
         patch_map = layer_residuals.mean(dim=1)
-        patch_score = patch_map.amax(dim=1)
-        output = InCTRLOutput(layer_residuals, patch_map, patch_score, final_score=patch_score)
+        output = InCTRLOutput(layer_residuals, patch_map, patch_map.amax(dim=1), final_score=patch_map.amax(dim=1))
         # 2. Image-level residual F_I = mean_k ψ(f_k) − ψ(f_x) and its score s_i.
         if self.config.image_residual:
             output.query_adapted = self.adapter(query.embedding)
@@ -404,17 +406,22 @@ class InCTRL(nn.Module):
             output.text_features = self.text_features(class_names)
             image = F.normalize(query.embedding, dim=-1) * (1.0 / self.config.temperature)
             output.text_score = torch.bmm(image[:, None], output.text_features.transpose(1, 2))[:, 0].softmax(-1)[:, 1]
+        return output
+
+    def holistic(self, output: InCTRLOutput) -> InCTRLOutput:
+        """Step 4: M_h = s_a + s_i + M_p (in the reference's order of additions), s_h = φ(M_h) and s(x), filled
+        into `output` (and returned)."""
+        batch, patches = output.patch_map.shape
         scalars = [score for score in (output.text_score, output.image_score) if score is not None]
-        # 4. Holistic map M_h = s_a + s_i + M_p (in the reference's order of additions), s_h and s(x).
         if self.config.holistic_head:
-            holistic = sum(scalars[1:], scalars[0])[:, None] if scalars else patch_map.new_zeros(batch, 1)
-            output.holistic_map = holistic + patch_map if self.config.patch_residual else \
-                holistic.expand(batch, patch_map.shape[1])
+            holistic = sum(scalars[1:], scalars[0])[:, None] if scalars else output.patch_map.new_zeros(batch, 1)
+            output.holistic_map = holistic + output.patch_map if self.config.patch_residual else \
+                holistic.expand(batch, patches)
             output.holistic_score = self.holistic_head(output.holistic_map)
-            output.final_score = (output.holistic_score + patch_score) / 2 if self.config.patch_residual else \
+            output.final_score = (output.holistic_score + output.patch_score) / 2 if self.config.patch_residual else \
                 output.holistic_score
         else:
-            scores = scalars + ([patch_score] if self.config.patch_residual else [])
+            scores = scalars + ([output.patch_score] if self.config.patch_residual else [])
             output.final_score = torch.stack(scores).mean(dim=0)
         return output
 
