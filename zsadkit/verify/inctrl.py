@@ -40,7 +40,7 @@ import torch
 
 from zsadkit.methods.base import backbone_defaults
 from zsadkit.methods.inctrl import ImageFeatures, InCTRL, InCTRLConfig, InCTRLOutput, official_name
-from zsadkit.models import load_clip
+from zsadkit.models import VisualEncoder, VisualFeatures, load_clip
 from zsadkit.recipes.inctrl import InCTRLTrainingConfig
 from zsadkit.training import make_optimizer
 from zsadkit.verify import Comparison, FixtureError
@@ -94,17 +94,35 @@ class FixtureRun:
     test_types: list[str]
     train_types: list[str]
     notes: list[str] = field(default_factory=list)
+    encoded: dict[str, VisualFeatures] = field(default_factory=dict)
+    text_caches: tuple[dict, dict] = field(default_factory=lambda: ({}, {}))
 
     @property
     def shots(self) -> int:
         return self.normal_list.shape[0]
 
     def model(self, **overrides: object) -> InCTRL:
-        """A fresh `InCTRL` with the fixture's initial adapter, heads and BatchNorm statistics, in eval mode."""
+        """A fresh `InCTRL` with the fixture's initial adapter, heads and BatchNorm statistics, in eval mode (the
+        text embeddings of the fixture's CLIP are shared between the models)."""
         model = InCTRL(self.clip, InCTRLConfig(layers=self.layers, **overrides))
         state = {official_name(k): torch.from_numpy(v.copy()) for k, v in self.initial.items() if official_name(k)}
         model.load_head_state(state, source=str(self.directory / "inctrl_state_dict_init.npz"))
+        model.class_text.cache, model.semantic_text.cache = self.text_caches
         return model.eval()
+
+    def encode(self, name: str, images: torch.Tensor) -> VisualFeatures:
+        """The tapped raw tokens (CLS included) and pooled embeddings of `images`, computed once per `name`."""
+        if name not in self.encoded:
+            with torch.no_grad():
+                encoder = VisualEncoder(self.clip)
+                self.encoded[name] = encoder(images, self.layers, tokens="raw", global_ln_post=True)
+        return self.encoded[name]
+
+    def features(self, name: str, images: torch.Tensor, leading: tuple[int, ...]) -> ImageFeatures:
+        """`encode` as `ImageFeatures` with leading dims `leading` (e.g. (B, K) for per-sample prompts)."""
+        encoded = self.encode(name, images)
+        tokens = torch.stack(encoded.patch_tokens, dim=1)  # (n, L, N, W)
+        return ImageFeatures(tokens.unflatten(0, leading), encoded.global_embedding.unflatten(0, leading))
 
 
 def load_fixture(directory: Path) -> FixtureRun:
@@ -154,16 +172,16 @@ def load_fixture(directory: Path) -> FixtureRun:
                       labels, layers, test_types, train_types, notes)
 
 
-def check_features(out: Comparison, name: str, run: FixtureRun, model: InCTRL, queries: torch.Tensor,
-                   prompt_images: torch.Tensor, reference: dict[str, np.ndarray], path: Path) -> None:
-    """The tapped tokens (CLS included) and pooled embeddings of queries (b, ...) and shot-major prompts (K·b, ...)."""
-    with torch.no_grad():
-        for label, images in (("query", queries), ("prompt", prompt_images)):
-            features = model.visual(images, run.layers, tokens="raw", global_ln_post=True)
-            out.check(f"{name}: {label}_layer_tokens", torch.stack(features.layer_tokens),
-                      _key(reference, f"{label}_layer_tokens", path), **FEATURES)
-            out.check(f"{name}: {label}_pooled", features.global_embedding, _key(reference, f"{label}_pooled", path),
-                      **FEATURES)
+def check_features(out: Comparison, name: str, run: FixtureRun, images: dict[str, tuple[str, torch.Tensor]],
+                   reference: dict[str, np.ndarray], path: Path) -> None:
+    """The tapped tokens (CLS included) and pooled embeddings: "query" (b, ...) and shot-major "prompt" (K·b, ...)
+    images, each given as (memo name, images)."""
+    for label, (key, tensor) in images.items():
+        features = run.encode(key, tensor)
+        out.check(f"{name}: {label}_layer_tokens", torch.stack(features.layer_tokens),
+                  _key(reference, f"{label}_layer_tokens", path), **FEATURES)
+        out.check(f"{name}: {label}_pooled", features.global_embedding, _key(reference, f"{label}_pooled", path),
+                  **FEATURES)
 
 
 def check_output(out: Comparison, name: str, output: InCTRLOutput, reference: dict[str, np.ndarray],
@@ -173,19 +191,24 @@ def check_output(out: Comparison, name: str, output: InCTRLOutput, reference: di
                   **(FEATURES if key in FEATURE_ARRAYS else SCORES))
 
 
-def _score_test_format(model: InCTRL, run: FixtureRun, batch: int) -> InCTRLOutput:
-    """The reference's test loop: the K shared prompts (`normal_list`), queries 0..b−1, eval mode."""
-    model.fit_references(run.normal_list)
+def _score_test_format(model: InCTRL, run: FixtureRun, start: int, stop: int) -> InCTRLOutput:
+    """The reference's test loop: queries start..stop−1 against the K shared prompts (`normal_list`), eval mode."""
+    model.memory = run.features("normal_list", run.normal_list, (run.shots,))
+    query = run.features(f"query[{start}:{stop}]", run.query[start:stop], (stop - start,))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # the reference-reshape warning is the point here
-        return model.score_features(model.encode_image(run.query[:batch]), run.test_types[:batch])
+        return model.score_features(query, run.test_types[start:stop])
 
 
 def _score_train_format(model: InCTRL, run: FixtureRun, start: int, stop: int) -> InCTRLOutput:
-    """Train format: queries start..stop−1, each with its own K prompts."""
+    """Train format: queries start..stop−1, each with its own K prompts, eval mode."""
+    size = stop - start
+    query = run.features(f"query[{start}:{stop}]", run.query[start:stop], (size,))
+    prompts = run.features(f"prompts[:, {start}:{stop}]", run.prompts[:, start:stop].transpose(0, 1).flatten(0, 1),
+                           (size, run.shots))
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        return model(run.query[start:stop], run.prompts[:, start:stop].transpose(0, 1), run.train_types[start:stop])
+        return model.score(query, prompts, run.train_types[start:stop])
 
 
 def check_evaluations(out: Comparison, run: FixtureRun) -> None:
@@ -199,20 +222,18 @@ def check_evaluations(out: Comparison, run: FixtureRun) -> None:
             with out.section(f"{form}, batch 1, query {index}"):
                 if not out.require(directory, file):
                     continue
-                reference = _load(directory / file)
-                name = f"{form} bs1 q{index}"
+                reference, path = _load(directory / file), directory / file
+                name, query = f"{form} bs1 q{index}", (f"query[{index}:{index + 1}]", run.query[index:index + 1])
                 if form == "test format":
-                    check_features(out, name, run, per_sample, run.query[index:index + 1], run.normal_list,
-                                   reference, directory / file)
-                    output = _score_test_format(per_sample, run, batch=index + 1)
-                    output = InCTRLOutput(**{k: None if v is None else v[index:index + 1]
-                                             for k, v in vars(output).items()})
+                    check_features(out, name, run, {"query": query, "prompt": ("normal_list", run.normal_list)},
+                                   reference, path)
+                    output = _score_test_format(per_sample, run, index, index + 1)
                 else:
-                    check_features(out, name, run, per_sample, run.query[index:index + 1],
-                                   run.prompts[:, index], reference, directory / file)
+                    prompts = (f"prompts[:, {index}:{index + 1}]", run.prompts[:, index])  # K prompts, b = 1
+                    check_features(out, name, run, {"query": query, "prompt": prompts}, reference, path)
                     output = _score_train_format(per_sample, run, index, index + 1)
-                check_output(out, name, output, reference, directory / file)
-                bs1_scores.append(_key(reference, "final_score", directory / file))
+                check_output(out, name, output, reference, path)
+                bs1_scores.append(_key(reference, "final_score", path))
         buggy_files = sorted(directory.glob(f"{prefix}_bs*_buggy.npz"))
         if not buggy_files:
             out.require(directory, f"{prefix}_bs2_buggy.npz")
@@ -223,21 +244,19 @@ def check_evaluations(out: Comparison, run: FixtureRun) -> None:
                 if not 1 < size <= batch or f"_bs{size}_" not in path.name:
                     raise FixtureError(f"{path}: batch {size} in a file named {path.name}, with {batch} queries")
                 scrambled = run.model(batch_reshape="reference")
-                name = f"{form} bs{size} reference reshape"
+                name, query = f"{form} bs{size} reference reshape", (f"query[0:{size}]", run.query[:size])
                 if form == "test format":
-                    prompt_images = run.normal_list.repeat_interleave(size, dim=0)  # shot-major, repeated per sample
-                    check_features(out, name, run, scrambled, run.query[:size], prompt_images, reference, path)
-                    output = _score_test_format(scrambled, run, size)
-                    correct = _score_test_format(per_sample, run, size)
+                    # the reference repeats normal_list over the batch, shot-major: prompt s·b + i = normal_list[s]
+                    prompts = (f"normal_list x{size}", run.normal_list.repeat_interleave(size, dim=0))
+                    score = _score_test_format
                 else:
-                    prompt_images = run.prompts[:, :size].flatten(0, 1)
-                    check_features(out, name, run, scrambled, run.query[:size], prompt_images, reference, path)
-                    output = _score_train_format(scrambled, run, 0, size)
-                    correct = _score_train_format(per_sample, run, 0, size)
-                check_output(out, name, output, reference, path)
+                    prompts = (f"prompts[:, 0:{size}] shot-major", run.prompts[:, :size].flatten(0, 1))
+                    score = _score_train_format
+                check_features(out, name, run, {"query": query, "prompt": prompts}, reference, path)
+                check_output(out, name, score(scrambled, run, 0, size), reference, path)
                 if len(bs1_scores) >= size:
-                    out.check(f"{form} bs{size} per-sample layout vs reference bs1 final_score", correct.final_score,
-                              np.concatenate(bs1_scores[:size]), **SCORES)
+                    out.check(f"{form} bs{size} per-sample layout vs reference bs1 final_score",
+                              score(per_sample, run, 0, size).final_score, np.concatenate(bs1_scores[:size]), **SCORES)
 
 
 def _gradient_checks(out: Comparison, name: str, model: InCTRL, reference: dict[str, np.ndarray], path: Path,
@@ -281,12 +300,12 @@ def _training_step(run: FixtureRun, size: int, residuals: dict[str, np.ndarray] 
     model = run.model(batch_reshape="reference")
     optimizer = make_optimizer(InCTRLTrainingConfig().train_config(), list(model.trainable_parameters().values()))
     model.train()
-    prompts = model.encode_image(run.prompts[:, :size].transpose(0, 1).flatten(0, 1))
-    prompts = ImageFeatures(prompts.patch_tokens.unflatten(0, (size, run.shots)),
-                            prompts.embedding.unflatten(0, (size, run.shots)))
+    query = run.features(f"query[0:{size}]", run.query[:size], (size,))
+    prompts = run.features(f"prompts[:, 0:{size}]", run.prompts[:, :size].transpose(0, 1).flatten(0, 1),
+                           (size, run.shots))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        output = model.residuals(model.encode_image(run.query[:size]), prompts, run.train_types[:size])
+        output = model.residuals(query, prompts, run.train_types[:size])
     if residuals is not None:
         output = replace(output, patch_map=torch.from_numpy(residuals["patch_ref_map"]),
                          patch_score=torch.from_numpy(residuals["patch_score"]),
@@ -344,7 +363,8 @@ def check_training(out: Comparison, run: FixtureRun) -> None:
     with out.section("eval-mode loss and gradients"):
         reference = _load(path)
         model = run.model()
-        output = model(run.query[:1], run.prompts[:, :1].transpose(0, 1), run.train_types[:1])
+        output = model.score(run.features("query[0:1]", run.query[:1], (1,)),
+                             run.features("prompts[:, 0:1]", run.prompts[:, 0], (1, run.shots)), run.train_types[:1])
         losses = model.losses(output, run.labels[:1])
         name = "eval-mode bs1"
         out.check(f"{name}: final_score", output.final_score, _key(reference, "final_score", path), **SCORES)
