@@ -52,14 +52,16 @@ def trained_looking(model: InCTRL, seed: int = 1) -> InCTRL:
     return model.eval()
 
 
-TEXT_CACHES: tuple[dict, dict] = ({}, {})  # the module's CLIP is shared: encode each class's prompts once
+FIRST: list[InCTRL] = []  # the module's CLIP is shared: encode each class's prompts once
 
 
 def model_for(clip, share_text: bool = True, **overrides) -> InCTRL:
     torch.manual_seed(0)
     model = trained_looking(InCTRL(clip, reference_config(clip, **overrides)))
     if share_text:
-        model.class_text.cache, model.semantic_text.cache = TEXT_CACHES
+        if not FIRST:
+            FIRST.append(model)
+        model.share_text_cache(FIRST[0])
     return model
 
 
@@ -181,6 +183,12 @@ def test_the_text_prior_uses_the_ensemble_or_the_cifar_pair_and_is_encoded_once_
     assert calls == [154, 88, 1, 1]  # each class's sentences once, whatever the batch
     model.text_features(["metal_nut"] * 8)
     assert len(calls) == 4
+    other = model_for(clip, share_text=False)
+    other.share_text_cache(model)
+    other.text_features(["animal"])
+    assert len(calls) == 4  # the shared cache already holds it
+    with pytest.raises(ValueError, match="share the CLIP"):
+        other.share_text_cache(InCTRL(load_clip("zsad-tiny", image_size=SIZE)))
     uncached = replace(model.config, cache_text_features=False)
     model.config = uncached
     torch.testing.assert_close(model.text_features(["metal_nut", "animal"]), features[:2])

@@ -366,6 +366,14 @@ class InCTRL(nn.Module):
                                                     SEMANTIC_PROMPTS if semantic else self.class_text.ensemble, name))
         return torch.stack(rows).to(self.device)
 
+    def share_text_cache(self, other: InCTRL) -> None:
+        """Use `other`'s cached class embeddings (and add to them): for models on the same CLIP whose prompts
+        agree, e.g. the models per K or the ablation variants of one run."""
+        if other.text.clip is not self.text.clip or other.config.prompts != self.config.prompts \
+                or other.config.semantic_prompt_classes != self.config.semantic_prompt_classes:
+            raise ValueError("share_text_cache: the models must share the CLIP and the prompt settings")
+        self.class_text.cache, self.semantic_text.cache = other.class_text.cache, other.semantic_text.cache
+
     # ----------------------------------------------------------------------------------------- scoring
     def score(self, query: ImageFeatures, prompts: ImageFeatures, class_names: Sequence[str]) -> InCTRLOutput:
         """Scores of B queries, each against its own K prompts (prompts leading dims (B, K)): `residuals`, then

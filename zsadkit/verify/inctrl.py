@@ -95,7 +95,7 @@ class FixtureRun:
     train_types: list[str]
     notes: list[str] = field(default_factory=list)
     encoded: dict[str, VisualFeatures] = field(default_factory=dict)
-    text_caches: tuple[dict, dict] = field(default_factory=lambda: ({}, {}))
+    first_model: InCTRL | None = None
 
     @property
     def shots(self) -> int:
@@ -107,7 +107,9 @@ class FixtureRun:
         model = InCTRL(self.clip, InCTRLConfig(layers=self.layers, **overrides))
         state = {official_name(k): torch.from_numpy(v.copy()) for k, v in self.initial.items() if official_name(k)}
         model.load_head_state(state, source=str(self.directory / "inctrl_state_dict_init.npz"))
-        model.class_text.cache, model.semantic_text.cache = self.text_caches
+        if self.first_model is None:
+            self.first_model = model
+        model.share_text_cache(self.first_model)
         return model.eval()
 
     def encode(self, name: str, images: torch.Tensor) -> VisualFeatures:
