@@ -200,3 +200,22 @@ def test_multi_class_views_and_object_names_follow_the_protocol():
     loads = []
     auxiliary = recipe.auxiliary_samples(lambda dataset, split: loads.append((dataset, split)) or [], "mvtec")
     assert auxiliary == [] and loads == [("mvtec", "train"), ("mvtec", "test")]
+
+
+def test_the_inctrl_protocol_is_data_tables_per_metric_names_and_published_shots():
+    from zsadkit.protocols import domain, paper_tables, protocol, published_method_name
+    from zsadkit.results import published_rows
+
+    inctrl = protocol("inctrl")
+    assert inctrl.runs[0] == ("visa", ("mvtec",)) and len(inctrl.runs[1][1]) == 10
+    assert inctrl.train_splits == ("train", "test") and inctrl.resize == "shorter_side_crop"
+    assert published_method_name("winclip+", "inctrl") == "WinCLIP" and published_method_name("winclip+") == "WinCLIP+"
+    assert domain("cifar10-multiclass") == "semantic" and domain("elpv") == "industrial"
+    frame = pd.DataFrame([dict(method="inctrl", dataset=d, class_name="mean", level="image", metric=m, value=0.5)
+                          for d in ("mvtec", "headct", "mnist") for m in ("auroc", "ap", "f1_max")])
+    tables = paper_tables(frame, "inctrl")
+    assert set(tables["table1"].metric) == {"auroc"} and set(tables["table2"].metric) == {"ap"}
+    assert set(tables["table1"].dataset) == {"mvtec", "headct", "mnist"}
+    grid = published_rows("inctrl_main_grid_todo")
+    visa = grid.query("method == 'InCTRL' and dataset == 'VisA' and metric == 'auroc'")
+    assert dict(zip(visa.shots, visa.published, strict=True)) == {2.0: 85.8, 4.0: 87.7, 8.0: 88.7}
