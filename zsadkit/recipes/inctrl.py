@@ -235,12 +235,14 @@ def fit(
     if use_cache:
         rows = cached_rows(model, samples, name=NAME, cache_root=cache_root, dtype=cache_dtype,
                            batch_size=config.batch_size, device=device, progress=progress, resize=resize)
-        item: Callable[[int], Mapping[str, Any]] = rows.__getitem__
+        def item(index: int) -> Mapping[str, Any]:
+            row = rows[index]
+            return {"patch_tokens": row["patch_tokens"], "embedding": row["embedding"]}
     else:
-        loader = batches(samples, model.image_size, 1, resize=resize)
+        images = batches(samples, model.image_size, 1, resize=resize).dataset
 
         def item(index: int) -> Mapping[str, Any]:
-            return {"image": loader.dataset[index]["image"]}
+            return {"image": images[index]["image"]}
 
     dataset = EpisodeDataset(samples, config, item)
 
