@@ -187,8 +187,9 @@ def test_the_text_prior_uses_the_ensemble_or_the_cifar_pair_and_is_encoded_once_
     other.share_text_cache(model)
     other.text_features(["animal"])
     assert len(calls) == 4  # the shared cache already holds it
+    another_clip = load_clip("zsad-tiny", image_size=SIZE)
     with pytest.raises(ValueError, match="share the CLIP"):
-        other.share_text_cache(InCTRL(load_clip("zsad-tiny", image_size=SIZE)))
+        other.share_text_cache(InCTRL(another_clip, reference_config(another_clip)))
     uncached = replace(model.config, cache_text_features=False)
     model.config = uncached
     torch.testing.assert_close(model.text_features(["metal_nut", "animal"]), features[:2])
