@@ -7,12 +7,15 @@ Maps are handed to the `Evaluator` as they are produced, so a dataset's maps are
 * `evaluate_cached`: a `FeatureModel` on its cached frozen features (ablations that change only what follows the
   frozen part share one cache per test set, so each variant costs the scoring only).
 * `evaluate_few_shot`: a detector with a per-class memory of K normal references (`fit_references`: WinCLIP+,
-  VAND few-shot), drawn by `sample_references`.
+  VAND few-shot, InCTRL), drawn by `sample_references` or given explicitly.
+* `draw_reference_sets`, `write_reference_sets`, `read_reference_sets`: the few-shot reference sets of a protocol
+  (per K, seed and class), written beside the results so that every method compared uses the same images.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+import json
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -20,13 +23,19 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from zsadkit.data.dataset import AnomalyDataset, batches
+from zsadkit.data.dataset import batches
 from zsadkit.data.records import Sample
+from zsadkit.data.transforms import ResizeMode
 from zsadkit.feature_cache import cached_rows
 from zsadkit.methods.base import Detector, FeatureModel, Prediction
 from zsadkit.metrics import Evaluator
 
-__all__ = ["evaluate", "evaluate_cached", "evaluate_few_shot", "predict", "sample_references", "score_predictions"]
+__all__ = ["ReferenceSets", "draw_reference_sets", "evaluate", "evaluate_cached", "evaluate_few_shot", "predict",
+           "read_reference_sets", "sample_references", "score_predictions", "write_reference_sets"]
+
+#: (shots, seed) → class name → the K normal reference samples of that class.
+ReferenceSets = dict[tuple[int, int], dict[str, list[Sample]]]
+REFERENCE_SETS_FORMAT = "zsadkit-reference-sets/1"
 
 
 @torch.no_grad()
@@ -38,9 +47,11 @@ def predict(
     batch_size: int = 8,
     device: str | torch.device = "cpu",
     progress: bool = False,
+    resize: ResizeMode = "squash",
 ) -> Iterator[tuple[dict, Prediction]]:
-    """Yield (batch, prediction) pairs; the prediction's tensors are on the CPU."""
-    loader = batches(samples, image_size, batch_size)
+    """Yield (batch, prediction) pairs; the prediction's tensors are on the CPU. `resize`: how images are brought
+    to S × S (`zsadkit.data.transforms.image_transform`; "shorter_side_crop" in InCTRL's protocol)."""
+    loader = batches(samples, image_size, batch_size, resize=resize)
     with tqdm(total=len(loader), desc="predict", disable=not progress) as bar:  # not tqdm(loader): see training
         for batch in loader:
             prediction = detector.predict(batch["image"].to(device), list(batch["class_name"]))
@@ -146,6 +157,43 @@ def sample_references(train_samples: Sequence[Sample], class_name: str, shots: i
     return [normals[int(i)] for i in order]
 
 
+def draw_reference_sets(
+    train_samples: Sequence[Sample], classes: Iterable[str], shots: Sequence[int], seeds: Sequence[int]
+) -> ReferenceSets:
+    """`sample_references` for every (K, seed) and class: the few-shot protocol's reference (prompt) sets."""
+    return {(int(k), int(seed)): {name: sample_references(train_samples, name, int(k), int(seed))
+                                  for name in sorted(set(classes))}
+            for k in shots for seed in seeds}
+
+
+def write_reference_sets(sets: ReferenceSets, path: str | Path, dataset: str = "") -> Path:
+    """Write reference sets as JSON (image paths per K, seed and class), beside the results they produced."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = [{"shots": k, "seed": seed, "class_name": name, "images": [sample.image for sample in samples]}
+            for (k, seed), by_class in sorted(sets.items()) for name, samples in sorted(by_class.items())]
+    path.write_text(json.dumps({"format": REFERENCE_SETS_FORMAT, "dataset": dataset, "sets": rows}, indent=1))
+    return path
+
+
+def read_reference_sets(path: str | Path, train_samples: Sequence[Sample]) -> ReferenceSets:
+    """Reference sets written by `write_reference_sets`, as the records of `train_samples` with those images."""
+    path = Path(path)
+    data = json.loads(path.read_text())
+    if not isinstance(data, dict) or data.get("format") != REFERENCE_SETS_FORMAT:
+        raise ValueError(f"{path}: not a reference-set file (format {REFERENCE_SETS_FORMAT!r} expected)")
+    by_image = {(sample.class_name, sample.image): sample for sample in train_samples}
+    sets: ReferenceSets = {}
+    for row in data["sets"]:
+        missing = [image for image in row["images"] if (row["class_name"], image) not in by_image]
+        if missing:
+            raise ValueError(f"{path}: reference images of class {row['class_name']!r} are not among the training "
+                             f"samples given: {missing[:3]}")
+        sets.setdefault((int(row["shots"]), int(row["seed"])), {})[row["class_name"]] = [
+            by_image[(row["class_name"], image)] for image in row["images"]]
+    return sets
+
+
 def evaluate_few_shot(
     detector: Detector,
     test_samples: Sequence[Sample],
@@ -159,19 +207,33 @@ def evaluate_few_shot(
     seed: int = 0,
     pro: str | None = "cflow200",
     progress: bool = False,
+    references: Mapping[str, Sequence[Sample] | torch.Tensor] | None = None,
+    resize: ResizeMode = "squash",
 ) -> pd.DataFrame:
-    """Metric rows of a detector with a per-class reference memory (WinCLIP+, VAND few-shot).
+    """Metric rows of a detector with a per-class reference memory (WinCLIP+, VAND few-shot, InCTRL).
 
     For each test class, `detector.fit_references` receives K normal training images of that class
-    (`sample_references` with `seed`), then the class's test images are scored. Rows as `evaluate`.
+    (`sample_references` with `seed`, or `references[class]`: samples, e.g. from `draw_reference_sets`, or an
+    already preprocessed (K, 3, S, S) tensor such as an official prompt file), then the class's test images are
+    scored (references and test images brought to S × S by `resize`). Rows as `evaluate`.
     """
+
+    def reference_images(class_name: str) -> torch.Tensor:
+        if references is None:
+            chosen = sample_references(train_samples, class_name, shots, seed)
+        elif class_name not in references:
+            raise KeyError(f"evaluate_few_shot: no references for class {class_name!r} (have {sorted(references)})")
+        else:
+            chosen = references[class_name]
+        if torch.is_tensor(chosen):
+            return chosen
+        return torch.cat([batch["image"] for batch in batches(list(chosen), image_size, len(chosen), resize=resize)])
 
     def pairs() -> Iterator[tuple[dict, Prediction]]:
         for class_name in sorted({s.class_name for s in test_samples}):
-            references = AnomalyDataset(sample_references(train_samples, class_name, shots, seed), image_size)
-            detector.fit_references(torch.stack([references[i]["image"] for i in range(len(references))]).to(device))
+            detector.fit_references(reference_images(class_name).to(device))
             class_samples = [s for s in test_samples if s.class_name == class_name]
             yield from predict(detector, class_samples, image_size=image_size, batch_size=batch_size, device=device,
-                               progress=progress)
+                               progress=progress, resize=resize)
 
     return score_predictions(pairs(), dataset=dataset, has_masks=_has_masks(test_samples), pro=pro)

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from zsadkit.data.dataset import batches
 from zsadkit.data.records import Sample, samples_fingerprint
+from zsadkit.data.transforms import ResizeMode
 from zsadkit.methods.base import FeatureModel
 from zsadkit.paths import default_cache_root
 
@@ -75,6 +76,7 @@ class FeatureCache:
         device: str | torch.device = "cpu",
         dtype: np.dtype | str = np.float32,
         progress: bool = False,
+        resize: ResizeMode = "squash",
     ) -> FeatureCache:
         """Encode every sample once (unless the cache is complete) and store outputs, masks and labels.
 
@@ -86,6 +88,7 @@ class FeatureCache:
             device: where `encode` runs.
             dtype: storage dtype of the encoder outputs (float32 keeps exact values; float16 halves the disk).
             progress: show a progress bar.
+            resize: how images are brought to S × S (`zsadkit.data.transforms.image_transform`); part of the key.
         """
         if self.complete:
             return self
@@ -97,7 +100,7 @@ class FeatureCache:
         masks = np.lib.format.open_memmap(self.directory / "mask.npy", "w+", np.uint8, (count, image_size, image_size))
         labels = np.zeros(count, dtype=np.int64)
         class_names: list[str] = [""] * count
-        loader = batches(samples, image_size, batch_size)
+        loader = batches(samples, image_size, batch_size, resize=resize)
         bar = tqdm(total=len(loader), desc="feature cache", disable=not progress)
         for batch in loader:
             bar.update()
@@ -167,6 +170,7 @@ def cached_rows(
     batch_size: int = 8,
     device: str | torch.device = "cpu",
     progress: bool = False,
+    resize: ResizeMode = "squash",
 ) -> CachedFeatureDataset:
     """The rows of `model.encode_rows` for `samples`, computed once into the cache and memory-mapped.
 
@@ -179,9 +183,12 @@ def cached_rows(
         batch_size: images per encoder call.
         device: where the encoder runs.
         progress: show a progress bar.
+        resize: how images are brought to S × S ("squash" default; "shorter_side_crop" for InCTRL).
     """
     key = {**model.feature_cache_key(), "dtype": dtype, "samples": samples_fingerprint(samples)}
+    if resize != "squash":  # the default keeps the keys (and directories) of existing caches
+        key["resize"] = resize
     cache = FeatureCache(cache_root or default_cache_root(), key, name=name)
     cache.build(samples, model.encode_rows, model.image_size, batch_size=batch_size, device=device, dtype=dtype,
-                progress=progress)
+                progress=progress, resize=resize)
     return cache.dataset()

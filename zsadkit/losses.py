@@ -1,4 +1,5 @@
-"""Segmentation losses used by the prompt-learning methods (AnomalyCLIP, VAND/April-GAN, AA-CLIP, HeadCLIP).
+"""Losses of the learned methods: segmentation losses (AnomalyCLIP, VAND/April-GAN, AA-CLIP, HeadCLIP) and the
+binary focal loss of image scores (InCTRL).
 
 Both losses follow the reference implementation shared by VAND and AnomalyCLIP (`loss.py`), including its
 smoothing constants, so that training reproduces the reference numbers.
@@ -12,6 +13,11 @@ Focal loss (Lin et al. 2017), applied to **probabilities** (the reference passes
 Binary dice loss (Milletari et al. 2016), per sample b with smoothing s = 1 and no squaring:
 
     d_b = (2 Σ x·t + s) / (Σ x + Σ t + s),      L = 1 − mean_b d_b
+
+Binary focal loss of image scores (InCTRL's `binary_focal_loss.py`, `BinaryFocalLoss(alpha=1, gamma=2,
+logits=True)`), with b = the binary cross-entropy per sample, on logits or on probabilities:
+
+    p_t = exp(−b),      L = mean of  α · (1 − p_t)^γ · b
 
 Example:
     >>> probs = torch.tensor([[[[0.9]], [[0.1]]]])          # (B=1, C=2, H=1, W=1), class 0 likely
@@ -28,10 +34,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = [
-    "binary_dice_loss",
-    "focal_loss",
-]
+__all__ = ["binary_dice_loss", "binary_focal_loss", "focal_loss"]
 
 
 def focal_loss(
@@ -95,3 +98,30 @@ def binary_dice_loss(prediction: torch.Tensor, target: torch.Tensor, smooth: flo
     intersection = (prediction_flat * target_flat).sum(dim=1)
     dice = (2.0 * intersection + smooth) / (prediction_flat.sum(dim=1) + target_flat.sum(dim=1) + smooth)
     return 1.0 - dice.mean()
+
+
+def binary_focal_loss(
+    scores: torch.Tensor, targets: torch.Tensor, alpha: float = 1.0, gamma: float = 2.0, logits: bool = True
+) -> torch.Tensor:
+    """α·(1 − p_t)^γ·BCE, averaged over the batch (InCTRL's `BinaryFocalLoss`, defaults α = 1, γ = 2, logits).
+
+    Args:
+        scores: (B,) logits when `logits` (BCE-with-logits), else probabilities in [0, 1] (plain BCE, the textbook
+            focal loss). InCTRL's reference passes **sigmoid outputs** with `logits=True`, so its loss is the focal
+            loss of sigmoid(sigmoid(logit)).
+        targets: (B,) labels in {0, 1}.
+        alpha: weight α.
+        gamma: focusing parameter γ.
+        logits: whether `scores` are logits.
+
+    Returns:
+        Scalar loss.
+    """
+    if scores.shape != targets.shape:
+        raise ValueError(f"binary_focal_loss: scores {tuple(scores.shape)} and targets {tuple(targets.shape)} differ")
+    targets = targets.to(scores.dtype)
+    if logits:
+        bce = F.binary_cross_entropy_with_logits(scores, targets, reduction="none")
+    else:
+        bce = F.binary_cross_entropy(scores, targets, reduction="none")
+    return (alpha * (1.0 - torch.exp(-bce)) ** gamma * bce).mean()

@@ -4,8 +4,8 @@
     >>> anomalyclip.runs[0], published_dataset_name("mvtec"), domain("synth-target")
     (('visa', ('mvtec',)), 'MVTec AD', 'industrial')
 
-`paper_tables` shapes a tidy results frame into a paper's tables; `beside_published` puts its class means next to
-the published numbers under the names the paper prints.
+`paper_tables` shapes a tidy results frame into a paper's tables (a table holds a domain, or a metric, or both);
+`beside_published` puts its class means next to the published numbers under the names the paper prints.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ __all__ = [
     "beside_published",
     "domain",
     "paper_tables",
+    "paper_setting",
     "protocol",
     "published_dataset_name",
     "published_method_name",
@@ -35,6 +36,8 @@ __all__ = [
 
 PROTOCOLS_FILE = Path(__file__).with_name("protocols.yaml")
 Runs = tuple[tuple[str, tuple[str, ...]], ...]
+#: A table's content: a domain name, or {"domain": ..., "metric": ...} with either key optional.
+TableSpec = str | Mapping[str, str]
 
 
 @cache
@@ -56,8 +59,12 @@ class Protocol:
         smoke_runs: the same on the synthetic data of the smoke profile.
         ablation_runs: the runs of the ablation tables.
         metrics: (level, metric) pairs the tables report; "pro" is the run's AU-PRO variant.
-        tables: table file stem → domain of the datasets it holds.
+        tables: table file stem → the domain of the datasets it holds, or {"domain", "metric"} (either optional).
         published: the `results/published/` table of its main numbers.
+        train_splits: the splits of the auxiliary set a method learns on ("test" for AnomalyCLIP; "train" and
+            "test" for InCTRL).
+        resize: how the protocol brings images to S × S (`zsadkit.data.transforms.image_transform`).
+        ablation_published: the `results/published/` table of its ablations ("" = none).
     """
 
     paper: str
@@ -65,8 +72,11 @@ class Protocol:
     smoke_runs: Runs
     ablation_runs: Runs
     metrics: tuple[tuple[str, str], ...]
-    tables: Mapping[str, str]
+    tables: Mapping[str, TableSpec]
     published: str
+    train_splits: tuple[str, ...] = ("test",)
+    resize: str = "squash"
+    ablation_published: str = ""
 
     def runs_for(self, data_root: str, ablation: bool = False) -> list[list]:
         """The runs of a notebook as [train set, [test sets]] lists: the synthetic ones without a data root."""
@@ -82,7 +92,14 @@ def protocol(paper: str) -> Protocol:
     raw = papers[paper]
     return Protocol(paper, _runs(raw["runs"]), _runs(raw.get("smoke_runs", [])), _runs(raw.get("ablation_runs", [])),
                     tuple((level, metric) for level, metric in raw["metrics"]), dict(raw["tables"]),
-                    raw["published"])
+                    raw["published"], tuple(raw.get("train_splits", ["test"])), raw.get("resize", "squash"),
+                    raw.get("ablation_published", ""))
+
+
+def paper_setting(paper: str, key: str, default: object = None) -> object:
+    """A paper-specific entry of its `protocols.yaml` section (e.g. InCTRL's "object_names", "multi_class")."""
+    protocol(paper)
+    return _data()["papers"][paper].get(key, default)
 
 
 def subset(name: str) -> tuple[str, tuple[str, ...]] | None:
@@ -96,8 +113,11 @@ def published_dataset_name(dataset: str) -> str:
     return _data()["dataset_names"].get(dataset, dataset)
 
 
-def published_method_name(method: str) -> str:
-    """The name a paper prints for our method name (unchanged when not listed, e.g. an ablation variant)."""
+def published_method_name(method: str, paper: str | None = None) -> str:
+    """The name a paper prints for our method name (unchanged when not listed, e.g. an ablation variant); a
+    paper's own `method_names` come first (InCTRL prints WinCLIP+ as "WinCLIP")."""
+    if paper is not None and method in (paper_setting(paper, "method_names") or {}):
+        return paper_setting(paper, "method_names")[method]
     return _data()["method_names"].get(method, method)
 
 
@@ -119,10 +139,20 @@ def reported(results: pd.DataFrame, paper: str, pro: str | None = "cflow200") ->
 
 
 def paper_tables(results: pd.DataFrame, paper: str, pro: str | None = "cflow200") -> dict[str, pd.DataFrame]:
-    """`results` shaped into `paper`'s tables: table file stem → the reported rows of that table's datasets."""
+    """`results` shaped into `paper`'s tables: table file stem → the reported rows of that table's datasets (and
+    metric, for papers with one table per metric)."""
     rows = reported(results, paper, pro)
     domains = rows.dataset.map(domain)
-    return {table: rows[domains == table_domain] for table, table_domain in protocol(paper).tables.items()}
+    tables = {}
+    for table, spec in protocol(paper).tables.items():
+        spec = {"domain": spec} if isinstance(spec, str) else dict(spec)
+        keep = pd.Series(True, index=rows.index)
+        if "domain" in spec:
+            keep &= domains == spec["domain"]
+        if "metric" in spec:
+            keep &= rows.metric == spec["metric"]
+        tables[table] = rows[keep]
+    return tables
 
 
 def beside_published(
@@ -155,7 +185,7 @@ def beside_published(
     """
     means = reported(results, paper, pro) if reported_only else results
     means = means[means.class_name == "mean"]
-    ours = means.assign(method=means[method_column].map(published_method_name),
+    ours = means.assign(method=means[method_column].map(lambda method: published_method_name(method, paper)),
                         dataset=means.dataset.map(published_dataset_name))
     published = published_rows(source or protocol(paper).published)
     for column, allowed in (published_filters or {}).items():

@@ -183,7 +183,7 @@ def published_rows(name: str, **filters: str) -> pd.DataFrame:
 
     Returns columns method (or variant), dataset, class_name ("mean" for dataset rows; per-class rows are
     written "<dataset> / <class>" in the source), level, metric (zsadkit names), published (percent), table,
-    setting, shots (K of a "K-shot" setting, else NaN). `filters` select on the source columns, e.g. `published_rows("anomalyclip_table1_table2",
+    setting, shots (K of a "K-shot" or "K=K" setting, else NaN). `filters` select on the source columns, e.g. `published_rows("anomalyclip_table1_table2",
     table="Table 1")`.
     """
     frame = load_published(name)
@@ -201,6 +201,7 @@ def published_rows(name: str, **filters: str) -> pd.DataFrame:
             "published": pd.to_numeric(frame["value"], errors="coerce"),
             "table": frame["table"],
             "setting": frame["setting"],
-            "shots": frame["setting"].str.extract(r"(\d+)-shot", expand=False).astype(float),
+            "shots": frame["setting"].str.extract(r"(\d+)-shot", expand=False).astype(float).fillna(
+                frame["setting"].str.extract(r"\bK=(\d+)", expand=False).astype(float)),
         }
     ).reset_index(drop=True)

@@ -15,7 +15,8 @@ from the feature cache.
   `shuffle_stream="continuous"` draws every epoch from one generator seeded once (the references' global RNG);
   a resumed run replays the earlier epochs' draws (indices only) to reach the same state.
 * Checkpoints: `epoch_{e:03d}.safetensors` after every epoch, holding the parameters (`param/<name>`), the
-  optimiser state (`optim/<name>/<key>`, e.g. Adam's `exp_avg`, `exp_avg_sq`, `step`) and, in the metadata, the
+  optimiser state (`optim/<name>/<key>`, e.g. Adam's `exp_avg`, `exp_avg_sq`, `step`), the buffers the caller
+  names (`buffer/<name>`, e.g. BatchNorm statistics) and, in the metadata, the
   epoch, the configuration, the run's fingerprint and the loss log. Files are written to a temporary name and renamed, so a checkpoint that
   exists is complete.
 * Fingerprint: what determines the trained parameters: the `TrainConfig` fields except those that do not
@@ -282,12 +283,14 @@ def save_checkpoint(
     log: Sequence[Mapping[str, float]],
     config: TrainConfig,
     fingerprint: Mapping[str, object] | None = None,
+    buffers: Mapping[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write parameters, optimiser state, the log and the run's fingerprint (default: `run_fingerprint(config)`)
-    atomically (temporary file, then rename)."""
+    """Write parameters, optimiser state, `buffers`, the log and the run's fingerprint (default:
+    `run_fingerprint(config)`) atomically (temporary file, then rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {f"param/{name}": value.detach().cpu().contiguous() for name, value in parameters.items()}
+    tensors.update({f"buffer/{name}": value.detach().cpu().contiguous() for name, value in (buffers or {}).items()})
     for name, value in parameters.items():
         for key, state in optimizer.state.get(value, {}).items():
             if state is not None:  # SGD's momentum buffer is None before the first step
@@ -302,12 +305,15 @@ def save_checkpoint(
 
 
 def load_checkpoint(
-    path: str | Path, parameters: Mapping[str, nn.Parameter], optimizer: torch.optim.Optimizer | None = None
+    path: str | Path,
+    parameters: Mapping[str, nn.Parameter],
+    optimizer: torch.optim.Optimizer | None = None,
+    buffers: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[int, list[dict[str, float]]]:
-    """Restore parameters (and the optimiser state) from `path`; returns (epoch, log).
+    """Restore parameters (and the optimiser state, and `buffers` in place) from `path`; returns (epoch, log).
 
     Raises:
-        ValueError: the checkpoint's parameter names or shapes differ from `parameters`.
+        ValueError: the checkpoint's parameter names or shapes differ from `parameters`, or a buffer is absent.
     """
     tensors = load_file(str(path), device="cpu")
     with safe_open(str(path), framework="pt") as handle:
@@ -318,9 +324,14 @@ def load_checkpoint(
     wrong = [name for name, value in parameters.items() if saved[name].shape != value.shape]
     if wrong:
         raise ValueError(f"{path}: shapes of {wrong} differ from the model's")
+    absent = sorted(name for name in (buffers or {}) if f"buffer/{name}" not in tensors)
+    if absent:
+        raise ValueError(f"{path}: checkpoint lacks the buffers {absent}")
     with torch.no_grad():
         for name, value in parameters.items():
             value.copy_(saved[name].to(value.device, value.dtype))
+        for name, value in (buffers or {}).items():
+            value.copy_(tensors[f"buffer/{name}"].to(value.device, value.dtype))
     if optimizer is not None:
         for name, value in parameters.items():
             state = {key.rsplit("/", 1)[1]: tensor for key, tensor in tensors.items() if key.startswith(f"optim/{name}/")}
@@ -356,6 +367,7 @@ def train(
     fingerprint: Mapping[str, object] | None = None,
     on_epoch_start: Callable[[int], None] | None = None,
     progress: bool = False,
+    buffers: Mapping[str, torch.Tensor] | None = None,
 ) -> TrainResult:
     """Run `config.epochs` epochs of the configured optimiser on `parameters`, minimising `step(batch)["loss"]`.
 
@@ -369,6 +381,8 @@ def train(
             `samples_fingerprint(samples)`}); stored in the checkpoints and compared on resume.
         on_epoch_start: called with the 1-indexed epoch before its batches are drawn.
         progress: show a progress bar per epoch.
+        buffers: tensors the step updates in place without the optimiser (BatchNorm statistics), by name: saved
+            in every checkpoint and restored on resume.
 
     Returns:
         `TrainResult`.
@@ -389,7 +403,7 @@ def train(
         last = latest_checkpoint(config.checkpoint_dir, max_epoch=config.epochs)
         if last is not None:
             check_fingerprint(last, run)
-            start_epoch, result.log = load_checkpoint(last, named, optimizer)
+            start_epoch, result.log = load_checkpoint(last, named, optimizer, buffers)
             result.resumed_from = start_epoch
     elif config.checkpoint_dir:
         for stale in Path(config.checkpoint_dir).glob("epoch_*.safetensors"):
@@ -433,7 +447,7 @@ def train(
         if config.checkpoint_dir:
             result.checkpoints.append(
                 save_checkpoint(checkpoint_path(config.checkpoint_dir, epoch), named, optimizer, epoch, result.log,
-                                config, run)
+                                config, run, buffers)
             )
             write_log(config.checkpoint_dir, result.log)
     return result

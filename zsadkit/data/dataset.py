@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from zsadkit.data.errors import MaskError
 from zsadkit.data.images import check_mask_matches_image, read_image
 from zsadkit.data.records import Sample
-from zsadkit.data.transforms import ImageTransform, MaskTransform, image_transform, mask_transform
+from zsadkit.data.transforms import ImageTransform, MaskTransform, ResizeMode, image_transform, mask_transform
 
 __all__ = ["AnomalyDataset", "batches"]
 
@@ -113,7 +113,11 @@ class AnomalyDataset(Dataset):
         return list(dict.fromkeys(s.class_name for s in self.samples))
 
 
-def batches(samples: Sequence[Sample], image_size: int, batch_size: int = 8, num_workers: int = 0) -> DataLoader:
-    """A deterministic (unshuffled) loader of `AnomalyDataset` batches of `samples`."""
-    return DataLoader(AnomalyDataset(list(samples), image_size=image_size), batch_size=batch_size, shuffle=False,
-                      num_workers=num_workers)
+def batches(
+    samples: Sequence[Sample], image_size: int, batch_size: int = 8, num_workers: int = 0, resize: ResizeMode = "squash"
+) -> DataLoader:
+    """A deterministic (unshuffled) loader of `AnomalyDataset` batches of `samples`; `resize` as `image_transform`
+    ("shorter_side_crop" for InCTRL's protocol)."""
+    override = image_transform(image_size, resize=resize) if resize != "squash" else None
+    return DataLoader(AnomalyDataset(list(samples), image_size=image_size, image_transform_override=override),
+                      batch_size=batch_size, shuffle=False, num_workers=num_workers)

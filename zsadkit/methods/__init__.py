@@ -3,10 +3,10 @@ them all, so `build_method("anomalyclip", ...)` knows every method.
 
     >>> from zsadkit.methods import build_method, registered_methods
     >>> registered_methods()
-    ['anomalyclip', 'clip', 'clip-ac', 'coop', 'headclip', 'vand', 'winclip']
+    ['anomalyclip', 'clip', 'clip-ac', 'coop', 'headclip', 'inctrl', 'vand', 'winclip']
 """
 
-from zsadkit.methods import anomalyclip, clip_baseline, coop, headclip, vand, winclip
+from zsadkit.methods import anomalyclip, clip_baseline, coop, headclip, inctrl, vand, winclip
 from zsadkit.methods.base import (
     Detector,
     FeatureModel,
@@ -25,6 +25,7 @@ __all__ = [
     "clip_baseline",
     "coop",
     "headclip",
+    "inctrl",
     "register_method",
     "registered_methods",
     "vand",

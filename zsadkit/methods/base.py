@@ -170,6 +170,7 @@ class BackboneDefaults:
         dpam_first_layer: first block of AnomalyCLIP's DPAM side stream.
         four_layers: four evenly spaced vision blocks (VAND, CoOp).
         deep_depth: text blocks with AnomalyCLIP's learnable tokens, input included.
+        inctrl_layers: InCTRL's three tapped blocks (reference `out_layers=[7, 9, 11]` of 12).
     """
 
     vision_layers: int
@@ -178,6 +179,7 @@ class BackboneDefaults:
     dpam_first_layer: int
     four_layers: tuple[int, ...]
     deep_depth: int
+    inctrl_layers: tuple[int, ...] = ()
 
 
 @cache
@@ -195,7 +197,8 @@ def backbone_defaults(clip: nn.Module) -> BackboneDefaults:
     """The reference layer choices for `clip`'s depth, from `backbone_defaults.yaml`.
 
     A depth the table does not list is scaled from the 24-layer reference: DPAM from block max(2, L/4), the four
-    evenly spaced taps, the last block; deep text prompts in min(9, T − 1) text blocks.
+    evenly spaced taps, the last block; deep text prompts in min(9, T − 1) text blocks; InCTRL's taps at
+    round(L·l/12) for l = 7, 9, 11 of its 12-layer reference.
     """
     vision_layers = len(clip.visual.transformer.resblocks)
     text_layers = len(clip.transformer.resblocks)
@@ -205,6 +208,9 @@ def backbone_defaults(clip: nn.Module) -> BackboneDefaults:
         "dpam_first_layer": max(2, vision_layers // 4),
         "four_layers": list(evenly_spaced_layers(vision_layers)),
     }
+    inctrl_layers = vision.get("inctrl_layers") or sorted({max(1, round(vision_layers * layer / 12))
+                                                           for layer in (7, 9, 11)})
     text = table["text"].get(text_layers) or {"deep_depth": min(9, text_layers - 1)}
     return BackboneDefaults(vision_layers, text_layers, int(vision["last_layer"]), int(vision["dpam_first_layer"]),
-                            tuple(int(layer) for layer in vision["four_layers"]), int(text["deep_depth"]))
+                            tuple(int(layer) for layer in vision["four_layers"]), int(text["deep_depth"]),
+                            tuple(int(layer) for layer in inctrl_layers))
