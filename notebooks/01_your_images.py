@@ -21,7 +21,7 @@
 # The folder name becomes the class word of the prompts ("a photo of a damaged [cls]"); set `class_name` when it
 # is not a good description of the object. With `images` empty the notebook scores a synthetic example folder and
 # calibrates on its normal training images; in the `smoke` profile the backbone has random weights, so the scores
-# and decisions check the pipeline only. Run interactively (`interactive = True`) for an upload box and a method
+# and decisions check the pipeline only. Opened in JupyterLab or VS Code it shows an upload box and a method
 # picker; they wait for clicks without blocking the notebook, so a batch run goes straight past them.
 
 # %% tags=["parameters"]
@@ -44,7 +44,7 @@ calibrate = ""  # a folder with good/ (and bad/) images; empty with the example:
 target_fpr = 0.1  # with `calibrate`: largest false-positive rate on good/ (None: the F1-max threshold)
 threshold = None  # a threshold set by hand instead of `calibrate`
 n_grid = 8
-interactive = True  # an upload box and a method picker (static outputs are always written)
+interactive = None  # an upload box and a method picker; None: only in JupyterLab/VS Code, never in a batch run
 
 # %%
 import os
@@ -55,7 +55,7 @@ import numpy as np
 from PIL import Image
 
 from zsadkit.data.synthetic import SyntheticConfig, make_synthetic
-from zsadkit.experiment import RunConfig
+from zsadkit.experiment import RunConfig, interactive_session
 from zsadkit.methods import registered_methods
 from zsadkit.paths import SMOKE_DATA_ROOT
 from zsadkit.predict import PredictResult, predict
@@ -140,7 +140,7 @@ figure.savefig(output / "grid.png", dpi=100)
 # react to clicks, so a batch run (papermill, `zsadkit.reproduce`) passes this cell at once.
 
 # %%
-if interactive:
+if interactive_session(interactive):
     import ipywidgets as widgets
     from IPython.display import display
 

@@ -26,8 +26,8 @@
 # Then the reference code's **batch reshape**: at batch > 1 it mixes samples and layers (a figure tags them).
 #
 # In the `smoke` profile the CLIP has **random weights**, the heads are untrained (unless `checkpoint` is given)
-# and the data are synthetic: every number and map below only shows the mechanics. Run interactively
-# (`interactive = True`) to pick the query and K with widgets.
+# and the data are synthetic: every number and map below only shows the mechanics. Opened in JupyterLab or
+# VS Code, widgets pick the query and K (never in a batch run).
 
 # %% tags=["parameters"]
 profile = "smoke"
@@ -47,7 +47,7 @@ dataset = ""  # test images; empty: synth-target (smoke) or visa (paper)
 checkpoint = ""  # trained heads (.safetensors, or an official checkpoint_N.pyth); empty: untrained heads
 shots = 2  # K
 query_index = 0  # which anomalous test image is the query
-interactive = True  # widgets to pick the query and K (static figures are always written)
+interactive = None  # widgets to pick the query and K; None: only in JupyterLab/VS Code, never in a batch run
 
 # %%
 import matplotlib.pyplot as plt
@@ -57,7 +57,7 @@ import torch
 from zsadkit.data import batches
 from zsadkit.data.transforms import OPENAI_MEAN, OPENAI_STD
 from zsadkit.engine import sample_references
-from zsadkit.experiment import RunConfig, load_split
+from zsadkit.experiment import RunConfig, interactive_session, load_split
 from zsadkit.methods.inctrl import arrange_tokens
 from zsadkit.protocols import protocol
 from zsadkit.recipes.inctrl import protocol_samples
@@ -225,7 +225,7 @@ layout_scores.round(5)
 # Pick the query and K.
 
 # %%
-if interactive:
+if interactive_session(interactive):
     import ipywidgets as widgets
 
     def explore(query_number: int, k: int) -> None:
