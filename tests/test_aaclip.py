@@ -271,6 +271,7 @@ def test_official_checkpoints_load_by_the_reference_names() -> None:
     fixture_clip = load_clip(state_dict={k: torch.from_numpy(v) for k, v in np.load(FIXTURE / "state_dict.npz").items()},
                              image_size=112, pos_embed_resize="open_clip", quick_gelu=False, vision_heads=2,
                              text_heads=2)
+    assert reference_config(fixture_clip) == AACLIPConfig()  # 24/12 blocks: the reference's own layer choices
     model = AACLIP(fixture_clip, AACLIPConfig())
     loaded = model.load_checkpoint(FIXTURE / "text_adapter_init.pth") + model.load_checkpoint(
         FIXTURE / "image_adapter_init.pth")

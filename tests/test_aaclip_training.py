@@ -198,3 +198,28 @@ def test_the_test_set_sweep_picks_the_best_epoch_and_flags_it(splits, tmp_path: 
     with pytest.raises(ValueError, match="no checkpoints"):
         best_epoch_on_test(model, replace(empty, stage2=run.stage2), {"t": (samples, "industrial")},
                            evaluate_fn=fake_evaluate)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_two_stages_improve_held_out_pixel_auroc_over_the_untrained_model(splits, seed: int) -> None:
+    """Both stages trained on the even-numbered test images of the auxiliary classes, scored on the odd-numbered
+    (held-out) ones. The blur is scaled to the tiny model's patch grid: the reference's 7×7-patch kernel is a fifth
+    of its 37×37 grid but would cover the whole 7×7 grid here (σ = 1 patch of 37 ≈ 0.2 patch of 7, i.e. no blur);
+    without augmentation and with stage-2 lr 1e-3 the two epochs learn enough on random weights."""
+    auxiliary = splits[0]
+    train = [s for class_name in sorted({s.class_name for s in auxiliary})
+             for s in [s for s in auxiliary if s.class_name == class_name][0::2]]
+    held_out = [s for s in auxiliary if s not in set(train)]
+    assert len(train) == len(held_out) == 40 and not {s.image for s in train} & {s.image for s in held_out}
+
+    def pixel_auroc(model) -> float:
+        rows = evaluate(model, held_out, dataset="held-out", domain="industrial", batch_size=20)
+        return float(rows.query("class_name == 'mean' and level == 'pixel' and metric == 'auroc'")["value"].iloc[0])
+
+    model = build_aaclip("zsad-tiny", "", SIZE, backbone_seed=seed, train_seed=seed, industrial_blur=(1, 1.0))
+    before = pixel_auroc(model)
+    fit(model, train, replace(STAGE1, epochs=1, seed=seed), replace(STAGE2, epochs=2, lr=1e-3, seed=seed),
+        stage1_augmentation=NO_AUGMENTATION, stage2_augmentation=NO_AUGMENTATION, use_cache=False)
+    after = pixel_auroc(model)
+    # measured gains (seeds 0, 1, 2) in a trial of this protocol: +0.06, +0.08, +0.39
+    assert after > before + 0.03, (before, after)

@@ -256,8 +256,8 @@ def load_clip(
         checkpoint: local weights file.
         state_dict: weights in memory, OpenAI key layout.
         image_size: input side S; the positional embedding is resized once for it. None = native size.
-        pos_embed_resize: ``"bilinear"`` (default, reference AnomalyCLIP/AA-CLIP: bilinear, no antialias,
-            class row kept) or ``"open_clip"`` (bicubic + antialias, as VAND's forked open_clip).
+        pos_embed_resize: ``"bilinear"`` (default, reference AnomalyCLIP: bilinear, no antialias, class row
+            kept) or ``"open_clip"`` (bicubic + antialias, as the forked open_clip of VAND and AA-CLIP).
         quick_gelu: activation override. None = QuickGELU for inferred OpenAI state dicts, the tag's setting
             for name + tag, the config's setting otherwise. False gives ``nn.GELU`` (the VAND fixture).
         vision_heads: head-count override when the architecture is inferred (default width // 64).
