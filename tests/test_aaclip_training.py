@@ -221,5 +221,5 @@ def test_the_two_stages_improve_held_out_pixel_auroc_over_the_untrained_model(sp
     fit(model, train, replace(STAGE1, epochs=1, seed=seed), replace(STAGE2, epochs=2, lr=1e-3, seed=seed),
         stage1_augmentation=NO_AUGMENTATION, stage2_augmentation=NO_AUGMENTATION, use_cache=False)
     after = pixel_auroc(model)
-    # measured gains (seeds 0, 1, 2) in a trial of this protocol: +0.06, +0.08, +0.39
+    # measured (before → after): seed 0 0.691 → 0.745, seed 1 0.695 → 0.772, seed 2 0.316 → 0.692
     assert after > before + 0.03, (before, after)

@@ -10,10 +10,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from zsadkit.verify import aaclip as verify_aaclip
 
 FIXTURE = Path(__file__).parent / "fixtures" / "aaclip"
+CONFIG_B = Path(__file__).parent / "fixtures" / "aaclip_config_b"  # another configuration, same format
 
 
 def _copy(tmp_path: Path, run_info_edits: dict | None = None) -> Path:
@@ -46,6 +48,23 @@ def test_python_m_zsadkit_verify_aaclip_passes_on_the_reference_fixture() -> Non
         assert any(expected in line for line in lines), expected
     assert "arrays within tolerance" in result.stdout
     assert "param_after_step1__* equal param_after_step2__*" in result.stdout  # the fixture defect is reported
+
+
+@pytest.mark.slow
+def test_verify_passes_on_a_fixture_of_another_configuration(tmp_path: Path) -> None:
+    """84 px, levels 4/10/16/24, 2 text and 4 image adapters, λ 0.2/0.15, LeakyReLU projections, V-V from block 10,
+    γ = 0.3, batches of 3, MVTec AD classes (tests/fixtures/aaclip_config_b/README.md)."""
+    copy = tmp_path / "config_b"
+    shutil.copytree(CONFIG_B, copy)
+    shutil.copy(FIXTURE / "state_dict.npz", copy / "state_dict.npz")
+    result = subprocess.run([sys.executable, "-m", "zsadkit.verify", "aaclip", str(copy)], capture_output=True,
+                            text=True, timeout=900)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "stage1_bs3.npz:patch_features_plus_cls " in result.stdout and "param_after_step1__* equal" not in result.stdout
+    settings = verify_aaclip.FixtureRun(copy).settings
+    assert settings.config.levels == (4, 10, 16, 24) and settings.config.projection_relu
+    assert (settings.config.text_adapter_layers, settings.config.image_adapter_layers) == (2, 4)
+    assert settings.image_size == 84 and settings.notes == []
 
 
 def test_a_perturbed_reference_map_fails_naming_the_array(tmp_path: Path, monkeypatch, capsys) -> None:

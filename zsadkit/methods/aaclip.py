@@ -493,8 +493,8 @@ class AACLIP(nn.Module):
 
         Returns:
             "loss"; "seg" (L_seg summed over the trained levels); "disentangle" (L_dis, before γ); "cls" (the
-            stage-1 CE when `stage1_cls_loss`, else 0); "seg_per_level" (L,) for every level (logged, not all
-            trained with `stage1_levels="last"`).
+            stage-1 CE when `stage1_cls_loss`, else 0); "seg_per_level": L_seg of each trained level (the last
+            one only with `stage1_levels="last"`: the reference computes the other three and discards them).
         """
         cfg = self.config
         anchors = self.anchors_per_image(list(rows["class_name"]))
@@ -503,9 +503,10 @@ class AACLIP(nn.Module):
         global_embedding = rows["global_embedding"].to(self.device)
         if cfg.stage1_add_global:
             patches = patches + global_embedding[:, None, None]
+        trained = [patches.shape[1] - 1] if cfg.stage1_levels == "last" else range(patches.shape[1])
         per_level = torch.stack([self.segmentation_loss(self.state_probabilities(patches[:, level], anchors), masks)
-                                 for level in range(patches.shape[1])])
-        seg = per_level[-1] if cfg.stage1_levels == "last" else per_level.sum()
+                                 for level in trained])
+        seg = per_level.sum()
         disentangle = self.disentanglement(anchors, cfg.disentangle_reduction)
         cls = per_level.new_zeros(())
         if cfg.stage1_cls_loss:
