@@ -54,10 +54,12 @@ epoch_policy = "reference"  # "reference" (epoch 15, flagged as chosen on test r
 regimes = ["full"]  # data regimes of the first run's auxiliary set: 2, 16, 64 (shots per class) and/or "full"
 runs = []  # [[auxiliary set, [test sets]], ...]; empty: the paper protocol (zsadkit/protocols.yaml) or synthetic
 checkpoints = {}  # {auxiliary set: adapters (.safetensors of save_adapters, or an official save_path folder)}
+official_epoch = 15  # the image_adapter_<epoch>.pth of an official save_path folder (15: the authors' choice)
 cache_root = ""  # feature cache of stage 1; empty: .cache/features
 
 # %%
 from dataclasses import replace
+from pathlib import Path
 
 import matplotlib.pyplot as plt
 import pandas as pd
@@ -71,7 +73,16 @@ from zsadkit.protocols import (
     published_dataset_name,
     reported,
 )
-from zsadkit.recipes.aaclip import STAGE1, STAGE2, choose_epoch, evaluate, fit, load_epoch, training_samples
+from zsadkit.recipes.aaclip import (
+    REFERENCE_EPOCH,
+    STAGE1,
+    STAGE2,
+    choose_epoch,
+    evaluate,
+    fit,
+    load_epoch,
+    training_samples,
+)
 from zsadkit.results import published_rows, tidy, write_results
 
 cfg = RunConfig.from_parameters(globals())
@@ -96,8 +107,13 @@ for run_index, (train_set, test_sets) in enumerate(runs):
         model = cfg.build("aaclip", clip=clip)
         if train_set in checkpoints and regime == "full":
             checkpoint = str(checkpoints[train_set])
-            model.load_checkpoint(checkpoint)
-            choice_epoch, selected_on_test, reason = None, None, f"loaded from {checkpoint}"
+            folder = Path(checkpoint).is_dir()
+            model.load_checkpoint(checkpoint, epoch=official_epoch if folder else None)
+            choice_epoch = official_epoch if folder else None
+            selected_on_test = folder and official_epoch == REFERENCE_EPOCH
+            print(f"{train_set}: adapters loaded from {checkpoint}"
+                  + (f" (epoch {official_epoch}{', chosen by the authors on test results' if selected_on_test else ''})"
+                     if folder else ""))
         else:
             samples = training_samples(load_split(cfg, train_set, split="test", protocol="aaclip"), shots,
                                        seed=cfg.train_seed, write_to=output / f"train_samples_{label}.csv")
@@ -105,7 +121,7 @@ for run_index, (train_set, test_sets) in enumerate(runs):
                       cache_root=cache_root or None, device=cfg.device, progress=True)
             choice = choose_epoch(epoch_policy, stage2.epochs)
             checkpoint = str(load_epoch(model, run, choice.epoch))
-            choice_epoch, selected_on_test, reason = choice.epoch, choice.selected_on_test, choice.reason
+            choice_epoch, selected_on_test = choice.epoch, choice.selected_on_test
             model.save_adapters(output / f"adapters_{label}.safetensors",
                                 metadata={"train_set": train_set, "regime": str(regime), "epoch": str(choice.epoch),
                                           "epoch_selected_on_test": str(choice.selected_on_test)})

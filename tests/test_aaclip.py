@@ -4,6 +4,7 @@ class phrases and checkpoints (ours and the official layout)."""
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -159,8 +160,8 @@ def test_stage2_loss_is_ce_of_raw_cosines_plus_the_seg_loss_of_every_level(model
     features = model.encode_image(images)
     anchors = model.frozen_anchors(["bottle", "bottle"])
     logits = torch.einsum("bd,bkd->bk", features.det_token, anchors)
-    assert float(losses["ce"]) == pytest.approx(float(F.cross_entropy(logits, labels)), rel=1e-6)
-    assert float(losses["loss"]) == pytest.approx(float(losses["ce"] + losses["seg_per_level"].sum()), rel=1e-6)
+    assert losses["ce"].item() == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-6)
+    assert losses["loss"].item() == pytest.approx((losses["ce"] + losses["seg_per_level"].sum()).item(), rel=1e-6)
     losses["loss"].backward()
     assert all(p.grad is not None for p in model.image_parameters().values())
     assert all(p.grad is None for p in model.text_parameters().values())
@@ -285,3 +286,17 @@ def test_official_checkpoints_load_by_the_reference_names() -> None:
         import_official_state({"prompt_learner": {}}, model)
     with pytest.raises(ValueError, match="2 text adapters \\+ projection, the model has 3"):
         import_official_state({"text_adapter": {f"{i}.fc.0.weight": torch.zeros(1) for i in range(3)}}, model)
+
+
+def test_an_official_save_path_folder_loads_the_text_adapter_and_the_chosen_epoch(tmp_path: Path) -> None:
+    fixture_clip = load_clip(state_dict={k: torch.from_numpy(v) for k, v in np.load(FIXTURE / "state_dict.npz").items()},
+                             image_size=112, pos_embed_resize="open_clip", quick_gelu=False, vision_heads=2,
+                             text_heads=2)
+    shutil.copy(FIXTURE / "text_adapter_after_stage1_bs1.pth", tmp_path / "text_adapter.pth")
+    shutil.copy(FIXTURE / "image_adapter_init.pth", tmp_path / "image_adapter_15.pth")
+    model = AACLIP(fixture_clip, AACLIPConfig())
+    assert len(model.load_checkpoint(tmp_path, epoch=15)) == 15
+    after = torch.load(FIXTURE / "text_adapter_after_stage1_bs1.pth", weights_only=True)["text_adapter"]
+    torch.testing.assert_close(model.text_adapters[1].linear.weight, after["1.fc.0.weight"])
+    with pytest.raises(FileNotFoundError, match="missing .*image_adapter.pth"):
+        model.load_checkpoint(tmp_path)

@@ -595,20 +595,22 @@ class AACLIP(nn.Module):
                                                 **dict(metadata or {})})
         return path
 
-    def load_checkpoint(self, path: str | Path) -> list[str]:
+    def load_checkpoint(self, path: str | Path, epoch: int | None = None) -> list[str]:
         """Load learned tensors; returns the names loaded.
 
         Accepts `save_adapters` output, a `zsadkit.training` epoch checkpoint of either stage
         (`epoch_XXX.safetensors`), an official `text_adapter.pth` or `image_adapter[_N].pth`, or an official
-        `save_path` folder (its `text_adapter.pth` and `image_adapter.pth`).
+        `save_path` folder: its `text_adapter.pth` and `image_adapter.pth` (the last epoch), or
+        `image_adapter_<epoch>.pth` with `epoch` (the paper's numbers are epoch 15's).
         """
         path = Path(path)
         if path.is_dir():
-            files = [path / "text_adapter.pth", path / "image_adapter.pth"]
+            image_file = "image_adapter.pth" if epoch is None else f"image_adapter_{epoch}.pth"
+            files = [path / "text_adapter.pth", path / image_file]
             missing = [str(file) for file in files if not file.is_file()]
             if missing:
                 raise FileNotFoundError(f"AA-CLIP checkpoint folder {path}: missing {missing} (an official save_path "
-                                        "holds text_adapter.pth and image_adapter.pth / image_adapter_<epoch>.pth)")
+                                        "holds text_adapter.pth, image_adapter.pth and image_adapter_<epoch>.pth)")
             return [name for file in files for name in self.load_checkpoint(file)]
         if not path.is_file():
             raise FileNotFoundError(f"AA-CLIP checkpoint {path} does not exist")
