@@ -75,7 +75,7 @@ clip = model.clip
 print(model.config)
 
 # %% [markdown]
-# ## 1. Residual adapters (`model/adapter.py:417-426`)
+# ## 1. Residual adapters (`model/adapter.py:91-99, 128-136`)
 # A(h) = LeakyReLU(W h) is rescaled token by token to the norm of h, then mixed in with weight λ = 0.1. So an
 # adapter can only turn a token, never blow it up, and 90 % of the frozen block's output passes through. Text
 # adapters follow blocks 1–3 (of 12), vision adapters blocks 1–6 (of 24); this backbone's choice is scaled.

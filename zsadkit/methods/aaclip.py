@@ -4,7 +4,7 @@ Follows the official code (Mwxinnn/AA-CLIP @ 53db195; the paper's method section
 paper where they agree; where they differ, each difference is a named option of `AACLIPConfig` whose default is
 the code's behaviour. `python -m zsadkit.verify aaclip DIR` checks this file against the code's outputs.
 
-* Residual adapter (Sec. 3, Fig. 3; `model/adapter.py:417-426`, `model/adapter_modules.py`): A(x) = LeakyReLU(W x)
+* Residual adapter (Sec. 3, Fig. 3; `model/adapter.py:91-99, 128-136`, `model/adapter_modules.py`): A(x) = LeakyReLU(W x)
   (no bias, Xavier init), rescaled token by token to the norm of its input, Â(x) = A(x)·‖x‖/‖A(x)‖, fused after a
   **whole block** as λ·Â(h) + (1 − λ)·h (λ = 0.1), after text blocks 1–3 and vision blocks 1–6 of ViT-L.
 * Text anchors (Sec. 3, stage 1; `forward_utils.py:138-162`): the adapted text tower's EOT feature goes through a
@@ -16,7 +16,7 @@ the code's behaviour. `python -m zsadkit.verify aaclip DIR` checks this file aga
   CLIP embedding on every patch vector (`stage1_add_global`).
 * Stage 1 objective (`train.py:87-96`): focal + dice(P_N, 1 − M) + dice(P_A, M) on softmax(up(100·F·[T_N, T_A]))
   plus γ·L_dis, L_dis = (mean_b ⟨T_N, T_A⟩)² (γ = 0.1).
-* Stage 2 (`model/adapter.py:394-439`, `train.py:144-154`): vision adapters in the Q-K tower, per level
+* Stage 2 (`model/adapter.py:67-112`, `train.py:144-154`): vision adapters in the Q-K tower, per level
   V_l = normalize(P_l(ln_post(tokens_l))) (patches only), d = mean over patches of normalize(P_det(ln_post(tokens_L)));
   loss CE([d·T_N, d·T_A], y) (raw cosines) + Σ_l L_seg(V_l).
 * Inference (`test.py:80-94`, `forward_utils.py:196-216`): per level (100·V·T_A + 1 − 100·V·T_N)/2 on the patch grid,
@@ -322,7 +322,7 @@ class AACLIP(nn.Module):
             [ResidualAdapter(text_width, cfg.text_adapter_weight) for _ in range(cfg.text_adapter_layers)])
         self.text_projection = Projection(text_width, embed_dim, leaky_relu=True)
         for parameter in (*self.image_parameters().values(), *self.text_parameters().values()):
-            nn.init.xavier_uniform_(parameter)  # `model/adapter.py:374-380`, image side first
+            nn.init.xavier_uniform_(parameter)  # `model/adapter.py:47-53`, image side first
         self.surgery_attention = AttentionVariant(("vv",), first_layer=cfg.surgery_first_layer, path="single",
                                                   batch_mixing=cfg.vv_batch_mixing)
         self.ensemble = prompt_ensemble(cfg.prompts)
@@ -391,7 +391,7 @@ class AACLIP(nn.Module):
 
     def encode_text(self, token_ids: torch.Tensor) -> torch.Tensor:
         """Adapted text features (P, E), not normalised: adapters after blocks 1..n, `ln_final` at the EOT token,
-        then the new projection with LeakyReLU (`model/adapter.py:441-472`)."""
+        then the new projection with LeakyReLU (`model/adapter.py:114-145`)."""
         if self.config.crop_text_after_eot:
             token_ids = token_ids[:, : int(token_ids.argmax(dim=-1).max()) + 1]
         adapters = {index + 1: adapter for index, adapter in enumerate(self.text_adapters)}
@@ -465,7 +465,7 @@ class AACLIP(nn.Module):
         return {index + 1: adapter for index, adapter in enumerate(self.image_adapters)}
 
     def encode_image(self, images: torch.Tensor) -> AdaptedImageFeatures:
-        """Stage-2 features with the graph through the adapters (`model/adapter.py:394-439`)."""
+        """Stage-2 features with the graph through the adapters (`model/adapter.py:67-112`)."""
         features = self.visual(images.to(self.device), self.config.levels, tokens="ln_post",
                                adapters=self.image_adapter_hooks(), return_global=False)
         patches = [tokens[:, 1:] for tokens in features.layer_tokens]
