@@ -9,7 +9,7 @@ from zsadkit.methods import build_method, registered_methods
 
 
 def test_all_paper_methods_are_registered() -> None:
-    assert {"clip", "clip-ac", "winclip", "vand", "coop", "anomalyclip", "headclip"} <= set(registered_methods())
+    assert {"clip", "clip-ac", "winclip", "vand", "coop", "anomalyclip", "headclip", "inctrl", "aaclip"} <= set(registered_methods())
 
 
 def test_unknown_method_error_lists_the_registered_ones() -> None:
@@ -17,7 +17,7 @@ def test_unknown_method_error_lists_the_registered_ones() -> None:
         build_method("patchcore")
 
 
-@pytest.mark.parametrize("name", ["clip", "clip-ac", "winclip", "vand", "coop", "anomalyclip", "headclip"])
+@pytest.mark.parametrize("name", ["clip", "clip-ac", "winclip", "vand", "coop", "anomalyclip", "headclip", "inctrl", "aaclip"])
 def test_method_built_by_name_predicts_finite_scores_and_maps(name: str) -> None:
     detector = build_method(name, backbone="zsad-tiny", image_size=64, backbone_seed=0, train_seed=0)
     images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))

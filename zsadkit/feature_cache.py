@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from zsadkit.data.dataset import batches
@@ -77,6 +77,7 @@ class FeatureCache:
         dtype: np.dtype | str = np.float32,
         progress: bool = False,
         resize: ResizeMode = "squash",
+        dataset: Dataset | None = None,
     ) -> FeatureCache:
         """Encode every sample once (unless the cache is complete) and store outputs, masks and labels.
 
@@ -89,18 +90,24 @@ class FeatureCache:
             dtype: storage dtype of the encoder outputs (float32 keeps exact values; float16 halves the disk).
             progress: show a progress bar.
             resize: how images are brought to S × S (`zsadkit.data.transforms.image_transform`); part of the key.
+            dataset: items to encode instead of the plain transforms of `samples` (e.g. augmented views); item i
+                is row i and has the keys of `AnomalyDataset` items ("image", "mask", "label", "class_name",
+                "index"). It is read in order, `batch_size` items per encoder call (the encoder sees those batches).
         """
         if self.complete:
             return self
         if self.directory.exists():
             shutil.rmtree(self.directory)  # an interrupted build
         self.directory.mkdir(parents=True)
-        count = len(samples)
+        count = len(samples) if dataset is None else len(dataset)
         arrays: dict[str, np.ndarray] = {}
         masks = np.lib.format.open_memmap(self.directory / "mask.npy", "w+", np.uint8, (count, image_size, image_size))
         labels = np.zeros(count, dtype=np.int64)
         class_names: list[str] = [""] * count
-        loader = batches(samples, image_size, batch_size, resize=resize)
+        if dataset is None:
+            loader = batches(samples, image_size, batch_size, resize=resize)
+        else:
+            loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
         bar = tqdm(total=len(loader), desc="feature cache", disable=not progress)
         for batch in loader:
             bar.update()

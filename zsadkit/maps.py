@@ -9,6 +9,10 @@ then `gaussian_filter(sigma=4)`), shared by CLIP/CLIP-AC, CoOp, VAND, AA-CLIP an
 3. `anomaly_map_from_probabilities`: (P_abnormal + 1 − P_normal) / 2 per layer (≡ P_abnormal for 2 states).
 4. Sum over layers (not mean), then `gaussian_smooth` with σ = 4.
 
+AA-CLIP smooths differently (Mwxinnn/AA-CLIP @ 53db195, `forward_utils.calculate_similarity_map`): each layer's map
+is blurred on the patch grid, before upsampling, with kornia's `gaussian_blur2d` (a fixed kernel size, 'reflect'
+border): `gaussian_blur`.
+
 `state_maps` runs steps 1–2 in either order: AnomalyCLIP's softmax then upsampling, or VAND's upsampling of the
 logits with `align_corners=True` then the softmax (VAND-APRIL-GAN @ f13b8a6, `test.py`).
 
@@ -34,6 +38,7 @@ __all__ = [
     "CLIP_TEMPERATURE",
     "anomaly_map_from_probabilities",
     "fuse_layer_maps",
+    "gaussian_blur",
     "gaussian_kernel1d",
     "gaussian_smooth",
     "patch_text_probabilities",
@@ -174,6 +179,50 @@ def gaussian_smooth(maps: torch.Tensor, sigma: float = 4.0, truncate: float = 4.
     smoothed = _smooth_last_axis(smoothed.transpose(-1, -2), kernel).transpose(-1, -2)
     smoothed = _smooth_last_axis(smoothed, kernel)
     return smoothed.to(maps.dtype)
+
+
+def _reflect_index(length: int, radius: int, device: torch.device) -> torch.Tensor:
+    """Source indices of a signal padded by `radius` in torch's 'reflect' mode (d c b | a b c d | c b a), continued
+    periodically where `radius` ≥ `length` (torch refuses those; the values stay a reflection of the signal)."""
+    positions = torch.arange(-radius, length + radius, device=device)
+    if length == 1:
+        return torch.zeros_like(positions)
+    folded = positions.remainder(2 * (length - 1))
+    return torch.where(folded >= length, 2 * (length - 1) - folded, folded)
+
+
+def gaussian_blur(maps: torch.Tensor, kernel_size: int, sigma: float) -> torch.Tensor:
+    """kornia's `gaussian_blur2d(maps[:, None], (k, k), (σ, σ))` (kornia 0.9; AA-CLIP's blur of the patch grid).
+
+    Taps exp(−x²/(2σ²)) for x = −k//2 … k//2 (a fixed kernel size, not scipy's truncation), normalised to sum 1, in
+    the maps' dtype; 'reflect' border without edge repeat; the width axis first, then the height axis.
+
+    Args:
+        maps: (B, H, W) maps.
+        kernel_size: k, odd and positive (AA-CLIP: 7 industrial, 9 medical).
+        sigma: σ > 0 (AA-CLIP: 1 industrial, 1.5 medical).
+
+    Returns:
+        (B, H, W) blurred maps.
+    """
+    if kernel_size < 1 or kernel_size % 2 == 0:
+        raise ValueError(f"kernel_size must be a positive odd integer, got {kernel_size}")
+    if sigma <= 0:
+        raise ValueError(f"sigma must be positive, got {sigma}")
+    if maps.ndim != 3:
+        raise ValueError(f"gaussian_blur expects (B, H, W) maps, got shape {tuple(maps.shape)}")
+    taps = torch.arange(kernel_size, dtype=maps.dtype, device=maps.device) - kernel_size // 2
+    kernel = torch.exp(-taps.pow(2.0) / (2 * torch.tensor(float(sigma), dtype=maps.dtype) ** 2))
+    kernel = kernel / kernel.sum()
+    radius = kernel_size // 2
+    blurred = maps
+    for axis in (-1, -2):  # width, then height (kornia's filter2d_separable)
+        moved = blurred.transpose(-1, axis) if axis == -2 else blurred
+        length = moved.shape[-1]
+        padded = moved.index_select(-1, _reflect_index(length, radius, maps.device))
+        rows = F.conv1d(padded.reshape(-1, 1, length + 2 * radius), kernel.view(1, 1, -1)).reshape(moved.shape)
+        blurred = rows.transpose(-1, axis) if axis == -2 else rows
+    return blurred
 
 
 def fuse_layer_maps(layer_maps: torch.Tensor, reduction: str = "sum") -> torch.Tensor:

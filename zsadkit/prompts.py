@@ -14,6 +14,8 @@ Ensembles (`PROMPT_ENSEMBLES`):
         template duplicated, two missing: 20 unique) = 147 + 84 sentences.
     "vand": VAND/April-GAN (Chen et al. 2023): 7 normal × 5 anomalous states (WinCLIP's + "broken {}") × 35
         templates (30 CLIP ImageNet templates + 5 scene templates) = 245 + 175 sentences.
+    "aaclip": AA-CLIP (Ma et al. 2025; Mwxinnn/AA-CLIP @ 53db195, dataset/constants.py PROMPTS): 3 normal × 5
+        anomalous states × 2 templates = 6 + 10 sentences.
 
 Averaging: VAND (VAND-APRIL-GAN @ f13b8a6, `prompt_ensemble.py:25-27`), mala-lab WinCLIP and InCTRL L2-normalise each sentence embedding before
 the mean (``normalize_prompts=True``, the default); anomalib averages the raw embeddings
@@ -175,6 +177,17 @@ VAND_TEMPLATES: tuple[str, ...] = (
     "this is one {} in the scene.",
 )
 
+# AA-CLIP (Mwxinnn/AA-CLIP @ 53db195, dataset/constants.py PROMPTS), in the reference's order.
+AACLIP_NORMAL_STATES: tuple[str, ...] = ("{}", "a {}", "the {}")
+AACLIP_ANOMALOUS_STATES: tuple[str, ...] = (
+    "a damaged {}",
+    "a broken {}",
+    "a {} with flaw",
+    "a {} with defect",
+    "a {} with damage",
+)
+AACLIP_TEMPLATES: tuple[str, ...] = ("{}.", "a photo of {}.")
+
 
 @dataclass(frozen=True)
 class PromptEnsemble:
@@ -214,6 +227,7 @@ PROMPT_ENSEMBLES: dict[str, PromptEnsemble] = {
         PromptEnsemble("winclip", WINCLIP_NORMAL_STATES, WINCLIP_ANOMALOUS_STATES, WINCLIP_TEMPLATES),
         PromptEnsemble("winclip-21", WINCLIP_NORMAL_STATES, WINCLIP_ANOMALOUS_STATES, WINCLIP_TEMPLATES_21),
         PromptEnsemble("vand", VAND_NORMAL_STATES, VAND_ANOMALOUS_STATES, VAND_TEMPLATES),
+        PromptEnsemble("aaclip", AACLIP_NORMAL_STATES, AACLIP_ANOMALOUS_STATES, AACLIP_TEMPLATES),
     )
 }
 

@@ -28,9 +28,11 @@ __all__ = [
     "paper_tables",
     "paper_setting",
     "protocol",
+    "published_class_name",
     "published_dataset_name",
     "published_method_name",
     "reported",
+    "slashed_dataset_names",
     "subset",
 ]
 
@@ -113,6 +115,18 @@ def published_dataset_name(dataset: str) -> str:
     return _data()["dataset_names"].get(dataset, dataset)
 
 
+def published_class_name(paper: str, dataset: str, class_name: str) -> str:
+    """The name `paper`'s per-class tables print for one of our classes (`published_class_names` in
+    `protocols.yaml`; unchanged when not listed, and "mean" stays "mean")."""
+    names = _data()["papers"].get(paper, {}).get("published_class_names", {})
+    return str(names.get(dataset, {}).get(class_name, class_name))
+
+
+def slashed_dataset_names() -> tuple[str, ...]:
+    """Printed dataset names that contain " / " themselves (kept whole when published cells are split)."""
+    return tuple(name for name in _data()["dataset_names"].values() if " / " in name)
+
+
 def published_method_name(method: str, paper: str | None = None) -> str:
     """The name a paper prints for our method name (unchanged when not listed, e.g. an ablation variant); a
     paper's own `method_names` come first (InCTRL prints WinCLIP+ as "WinCLIP")."""
@@ -166,8 +180,10 @@ def beside_published(
     published_filters: Mapping[str, Sequence] | None = None,
     only_our_methods: bool = True,
     reported_only: bool = True,
+    per_class: bool = False,
 ) -> pd.DataFrame:
-    """Our class means of the reported metrics beside the published numbers (percent), with the difference.
+    """Our class means (or, with `per_class`, our classes too) of the reported metrics beside the published
+    numbers (percent), with the difference.
 
     Args:
         results: tidy rows (a `method_column` column names the method or variant).
@@ -179,15 +195,19 @@ def beside_published(
         published_filters: {column: allowed values} applied to the published rows.
         only_our_methods: keep published rows of the methods we ran only (else all, e.g. every variant).
         reported_only: compare the metrics `paper`'s tables report only (else every metric of `results`).
+        per_class: keep every class row, named as `paper` prints it (`published_class_name`), not only the means.
 
     Returns:
         `zsadkit.results.compare_with_published` on `on`.
     """
     means = reported(results, paper, pro) if reported_only else results
-    means = means[means.class_name == "mean"]
+    if not per_class:
+        means = means[means.class_name == "mean"]
+    classes = [published_class_name(paper, dataset, name) for dataset, name in zip(means.dataset, means.class_name,
+                                                                                     strict=True)]
     ours = means.assign(method=means[method_column].map(lambda method: published_method_name(method, paper)),
-                        dataset=means.dataset.map(published_dataset_name))
-    published = published_rows(source or protocol(paper).published)
+                        dataset=means.dataset.map(published_dataset_name), class_name=classes)
+    published = published_rows(source or protocol(paper).published, whole_names=slashed_dataset_names())
     for column, allowed in (published_filters or {}).items():
         published = published[published[column].isin(list(allowed))]
     if only_our_methods:

@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from functools import cache
 from pathlib import Path
@@ -178,23 +179,37 @@ PUBLISHED_METRIC_NAMES = {
 }
 
 
-def published_rows(name: str, **filters: str) -> pd.DataFrame:
+def _split_dataset_and_class(value: str, whole_names: Sequence[str]) -> tuple[str, str | None]:
+    """("<dataset>", "<class>") of a published "<dataset> / <class>" cell; a dataset name that itself holds " / "
+    (one of `whole_names`, e.g. "Retina OCT / RESC (BMAD)") is kept whole."""
+    for name in whole_names:
+        if value == name:
+            return name, None
+        if value.startswith(name + " / "):
+            return name, value[len(name) + 3 :]
+    dataset, _, class_name = value.partition(" / ")
+    return dataset, class_name or None
+
+
+def published_rows(name: str, *, whole_names: Sequence[str] = (), **filters: str) -> pd.DataFrame:
     """A published long-format table as rows comparable with ours.
 
     Returns columns method (or variant), dataset, class_name ("mean" for dataset rows; per-class rows are
     written "<dataset> / <class>" in the source), level, metric (zsadkit names), published (percent), table,
-    setting, shots (K of a "K-shot" or "K=K" setting, else NaN). `filters` select on the source columns, e.g. `published_rows("anomalyclip_table1_table2",
+    setting, shots (K of a "K-shot" or "K=K" setting, else NaN). `whole_names` are dataset names that contain " / "
+    themselves. `filters` select on the source columns, e.g. `published_rows("anomalyclip_table1_table2",
     table="Table 1")`.
     """
     frame = load_published(name)
     for column, wanted in filters.items():
         frame = frame[frame[column] == wanted]
-    split = frame["dataset"].str.split(" / ", n=1, expand=True)
-    class_name = split[1] if split.shape[1] > 1 else pd.Series(None, index=frame.index, dtype=object)
+    split = [_split_dataset_and_class(str(value), whole_names) for value in frame["dataset"]]
+    dataset = pd.Series([pair[0] for pair in split], index=frame.index, dtype=object)
+    class_name = pd.Series([pair[1] for pair in split], index=frame.index, dtype=object)
     return pd.DataFrame(
         {
             "method": frame["method"] if "method" in frame else frame["variant"],
-            "dataset": split[0],
+            "dataset": dataset,
             "class_name": class_name.fillna("mean"),
             "level": frame["level"],
             "metric": frame["metric"].map(PUBLISHED_METRIC_NAMES).fillna(frame["metric"]),

@@ -3,10 +3,10 @@ them all, so `build_method("anomalyclip", ...)` knows every method.
 
     >>> from zsadkit.methods import build_method, registered_methods
     >>> registered_methods()
-    ['anomalyclip', 'clip', 'clip-ac', 'coop', 'headclip', 'inctrl', 'vand', 'winclip']
+    ['aaclip', 'anomalyclip', 'clip', 'clip-ac', 'coop', 'headclip', 'inctrl', 'vand', 'winclip']
 """
 
-from zsadkit.methods import anomalyclip, clip_baseline, coop, headclip, inctrl, vand, winclip
+from zsadkit.methods import aaclip, anomalyclip, clip_baseline, coop, headclip, inctrl, vand, winclip
 from zsadkit.methods.base import (
     Detector,
     FeatureModel,
@@ -20,6 +20,7 @@ __all__ = [
     "Detector",
     "FeatureModel",
     "Prediction",
+    "aaclip",
     "anomalyclip",
     "build_method",
     "clip_baseline",

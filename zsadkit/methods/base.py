@@ -171,6 +171,8 @@ class BackboneDefaults:
         four_layers: four evenly spaced vision blocks (VAND, CoOp).
         deep_depth: text blocks with AnomalyCLIP's learnable tokens, input included.
         inctrl_layers: InCTRL's three tapped blocks (reference `out_layers=[7, 9, 11]` of 12).
+        vision_adapter_layers: AA-CLIP's residual adapters follow vision blocks 1..n.
+        text_adapter_layers: AA-CLIP's residual adapters follow text blocks 1..n.
     """
 
     vision_layers: int
@@ -180,6 +182,8 @@ class BackboneDefaults:
     four_layers: tuple[int, ...]
     deep_depth: int
     inctrl_layers: tuple[int, ...] = ()
+    vision_adapter_layers: int = 6
+    text_adapter_layers: int = 3
 
 
 @cache
@@ -197,8 +201,9 @@ def backbone_defaults(clip: nn.Module) -> BackboneDefaults:
     """The reference layer choices for `clip`'s depth, from `backbone_defaults.yaml`.
 
     A depth the table does not list is scaled from the 24-layer reference: DPAM from block max(2, L/4), the four
-    evenly spaced taps, the last block; deep text prompts in min(9, T − 1) text blocks; InCTRL's taps at
-    round(L·l/12) for l = 7, 9, 11 of its 12-layer reference.
+    evenly spaced taps, the last block, AA-CLIP's vision adapters after max(1, L/4) blocks; deep text prompts in
+    min(9, T − 1) text blocks, AA-CLIP's text adapters after max(1, T/4) blocks; InCTRL's taps at round(L·l/12) for
+    l = 7, 9, 11 of its 12-layer reference.
     """
     vision_layers = len(clip.visual.transformer.resblocks)
     text_layers = len(clip.transformer.resblocks)
@@ -207,10 +212,13 @@ def backbone_defaults(clip: nn.Module) -> BackboneDefaults:
         "last_layer": vision_layers,
         "dpam_first_layer": max(2, vision_layers // 4),
         "four_layers": list(evenly_spaced_layers(vision_layers)),
+        "adapter_layers": max(1, vision_layers // 4),
     }
     inctrl_layers = vision.get("inctrl_layers") or sorted({max(1, round(vision_layers * layer / 12))
                                                            for layer in (7, 9, 11)})
-    text = table["text"].get(text_layers) or {"deep_depth": min(9, text_layers - 1)}
+    text = table["text"].get(text_layers) or {"deep_depth": min(9, text_layers - 1),
+                                               "adapter_layers": max(1, text_layers // 4)}
     return BackboneDefaults(vision_layers, text_layers, int(vision["last_layer"]), int(vision["dpam_first_layer"]),
                             tuple(int(layer) for layer in vision["four_layers"]), int(text["deep_depth"]),
-                            tuple(int(layer) for layer in inctrl_layers))
+                            tuple(int(layer) for layer in inctrl_layers), int(vision["adapter_layers"]),
+                            int(text["adapter_layers"]))

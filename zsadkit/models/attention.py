@@ -81,8 +81,8 @@ def head_attention(
         q, k, v: (B, H, N, Dh).
         modes: attention variants to average, from ``("qk", "qq", "kk", "vv")``.
         attn_mask: optional additive mask (N, N), e.g. the causal text mask.
-        batch_mixing: reproduce AA-CLIP's layout bug (@ 53db195, `model/transformer.py:140`: its V-V attention runs on
-            (N, B, C) tokens as if they were (B, N, C)): each token position attends over the
+        batch_mixing: reproduce AA-CLIP's layout bug (Mwxinnn/AA-CLIP @ 53db195, `model/transformer.py:102-153`: the
+            V-V module reads (tokens, batch, width) as (batch, tokens, width)): each token position attends over the
             same position in the *other images of the batch* instead of over its own image's tokens.
 
     Returns:

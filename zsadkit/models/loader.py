@@ -299,8 +299,8 @@ def load_clip(
         checkpoint: local weights file.
         state_dict: weights in memory, OpenAI key layout.
         image_size: input side S; the positional embedding is resized once for it. None = native size.
-        pos_embed_resize: ``"bilinear"`` (default, reference AnomalyCLIP/AA-CLIP: bilinear, no antialias,
-            class row kept) or ``"open_clip"`` (bicubic + antialias, as VAND's forked open_clip).
+        pos_embed_resize: ``"bilinear"`` (default, reference AnomalyCLIP: bilinear, no antialias, class row
+            kept) or ``"open_clip"`` (bicubic + antialias, as the forked open_clip of VAND and AA-CLIP).
         quick_gelu: activation override. None follows the weights' origin: QuickGELU for OpenAI's weights
             (`is_openai_release`: a JIT archive or state dict with OpenAI's scalar entries, or a file with a
             published OpenAI sha256) and for inferred architectures (OpenAI's rule), the tag's setting for name +

@@ -4,8 +4,9 @@ Two interpolations are offered, both keeping the class-token row unchanged:
 
 * ``"bilinear"`` (default): ``F.interpolate(mode="bilinear", align_corners=False)`` without antialias.
   This is what AnomalyCLIP's reference code does (`AnomalyCLIP_lib/AnomalyCLIP.py:368` @ 45ed4dd).
-* ``"open_clip"``: open_clip's own ``resize_pos_embed`` (bicubic, ``antialias=True``), used by
-  VAND/April-GAN's forked factory. It gives different numbers from ``"bilinear"``.
+* ``"open_clip"``: open_clip's own ``resize_pos_embed`` (bicubic, ``antialias=True``), used by the forked
+  factories of VAND/April-GAN and AA-CLIP (`create_model(img_size=...)`; AA-CLIP's fixture
+  `tests/fixtures/aaclip/pos_embedding.npz` equals it, while ``"bilinear"`` is off by up to 0.075 there).
 """
 
 from __future__ import annotations
@@ -41,8 +42,8 @@ def resize_position_embedding(
     Args:
         pos_embed: (1 + G0*G0, W) table; row 0 is the class token, the rest a square G0×G0 grid, row-major.
         grid: new grid side G (or (Gh, Gw)).
-        method: ``"bilinear"`` (reference AnomalyCLIP/AA-CLIP behaviour, no antialias) or ``"open_clip"``
-            (bicubic with antialias, open_clip's ``resize_pos_embed``).
+        method: ``"bilinear"`` (reference AnomalyCLIP behaviour, no antialias) or ``"open_clip"``
+            (bicubic with antialias, open_clip's ``resize_pos_embed``; VAND and AA-CLIP).
 
     Returns:
         (1 + Gh*Gw, W) table with the class row copied unchanged. Returned as is (same tensor) when the grid

@@ -69,8 +69,8 @@ class AttentionVariant:
         path: ``"dual"`` (AnomalyCLIP DPAM: a side stream, no MLP, the original stream untouched) or
             ``"single"`` (AA-CLIP: the variant replaces the residual-stream attention, MLP kept).
         batch_mixing: reproduce AA-CLIP's layout bug, where the variant attention runs across the images of the
-            batch at each token position (AA-CLIP @ 53db195, `model/transformer.py:140`: its V-V attention runs on
-            (N, B, C) tokens). Off = the correct per-image attention.
+            batch at each token position (Mwxinnn/AA-CLIP @ 53db195, `model/transformer.py:102-153`). Off = the
+            correct per-image attention.
     """
 
     modes: tuple[str, ...] = ("vv",)
