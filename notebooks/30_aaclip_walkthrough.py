@@ -25,7 +25,7 @@
 #    (transductive) fusion of the map maximum with the image score.
 #
 # In the `smoke` profile the CLIP has **random weights** and the data are synthetic: every number and figure below
-# only shows the mechanics. Run interactively (`interactive = True`) to browse the maps with a widget.
+# only shows the mechanics. Opened in JupyterLab or VS Code, a widget browses the maps (never in a batch run).
 
 # %% tags=["parameters"]
 profile = "smoke"
