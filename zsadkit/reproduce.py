@@ -3,6 +3,7 @@
     python -m zsadkit.reproduce --profile smoke            # what `make reproduce` runs
     python -m zsadkit.reproduce --profile paper --data-root /data/zsad --device cuda
     python -m zsadkit.reproduce --profile smoke --only 00_quickstart --force
+    python -m zsadkit.reproduce --profile smoke --executor dask --workers 2        # notebooks as Dask tasks
 
 The registry (`notebooks/registry.yaml`) lists each notebook with the parameters of each profile and the files
 it writes under the profile's output folder. A notebook whose executed copy, outputs and parameters are all
@@ -35,6 +36,7 @@ __all__ = [
     "NotebookEntry",
     "Outcome",
     "reproduce",
+    "run_entry",
     "run_notebook",
     "summary",
 ]
@@ -115,8 +117,11 @@ def is_complete(entry: NotebookEntry, out_dir: Path, parameters: dict) -> bool:
     return all((out_dir / output).exists() for output in entry.outputs)
 
 
-def run_notebook(entry: NotebookEntry, out_dir: Path, parameters: dict, progress: bool = True) -> None:
-    """Execute one notebook with papermill (kernel `python3`) and stamp it complete."""
+def run_notebook(
+    entry: NotebookEntry, out_dir: Path, parameters: dict, progress: bool = True, placement: dict | None = None
+) -> None:
+    """Execute one notebook with papermill (kernel `python3`) and stamp it complete. `placement` (executor,
+    scheduler) is injected too but is not part of the stamp: it says where the grid runs, not what it computes."""
     import papermill
 
     executed = out_dir / "executed"
@@ -126,7 +131,7 @@ def run_notebook(entry: NotebookEntry, out_dir: Path, parameters: dict, progress
     papermill.execute_notebook(
         str(entry.path),
         str(executed / f"{entry.name}.ipynb"),
-        parameters=parameters,
+        parameters={**parameters, **(placement or {})},
         kernel_name="python3",
         cwd=str(entry.path.parent),
         progress_bar=progress,
@@ -146,8 +151,14 @@ def reproduce(
     force: bool = False,
     overrides: dict | None = None,
     progress: bool = True,
+    executor: str = "local",
+    workers: int | None = None,
+    scheduler: str = "",
 ) -> list[Outcome]:
-    """Run the registered notebooks of `profile`; returns one outcome per notebook, never raises for one."""
+    """Run the registered notebooks of `profile`; returns one outcome per notebook, never raises for one.
+
+    `executor` "local" runs them one after another here; "dask" runs them as tasks on a Dask cluster
+    (`zsadkit.cluster.run_on_dask`: the scheduler at `scheduler`, or a local cluster of `workers` processes)."""
     defaults, entries = load_registry(registry)
     if only:
         unknown = set(only) - {e.name for e in entries}
@@ -155,22 +166,38 @@ def reproduce(
             raise ValueError(f"--only names unknown notebooks {sorted(unknown)}; known: {[e.name for e in entries]}")
         entries = [e for e in entries if e.name in only]
     out_dir = Path(out_dir) if out_dir else results_dir(profile)
-    outcomes = []
+    outcomes: dict[str, Outcome] = {}
+    jobs = []
     for index, entry in enumerate(entries, 1):
         parameters = notebook_parameters(entry, defaults, profile, out_dir, overrides or {})
         if not force and is_complete(entry, out_dir, parameters):
             print(f"[{index}/{len(entries)}] {entry.name}: outputs complete, skipped (use --force to rerun)")
-            outcomes.append(Outcome(entry.name, "skipped"))
+            outcomes[entry.name] = Outcome(entry.name, "skipped")
             continue
-        print(f"[{index}/{len(entries)}] {entry.name}: running", flush=True)
-        start = time.perf_counter()
-        try:
-            run_notebook(entry, out_dir, parameters, progress=progress)
-            outcomes.append(Outcome(entry.name, "ran", time.perf_counter() - start))
-        except Exception as error:  # keep going: one broken notebook must not hide the others' results
-            detail = "".join(traceback.format_exception_only(type(error), error)).strip().splitlines()
-            outcomes.append(Outcome(entry.name, "failed", time.perf_counter() - start, detail[-1] if detail else ""))
-    return outcomes
+        jobs.append((f"[{index}/{len(entries)}]", entry, parameters))
+    if executor == "dask":  # the one dispatch point: the same run_entry, as tasks on a Dask cluster
+        from zsadkit.cluster import run_on_dask
+
+        outcomes |= run_on_dask(jobs, out_dir, profile=profile, registry=registry, workers=workers,
+                                scheduler=scheduler)
+    else:
+        for label, entry, parameters in jobs:
+            print(f"{label} {entry.name}: running", flush=True)
+            outcomes[entry.name] = run_entry(entry, out_dir, parameters, progress=progress)
+    return [outcomes[entry.name] for entry in entries]
+
+
+def run_entry(
+    entry: NotebookEntry, out_dir: Path, parameters: dict, *, progress: bool = True, placement: dict | None = None
+) -> Outcome:
+    """Run one notebook; its outcome, never an exception (one broken notebook must not hide the others' results)."""
+    start = time.perf_counter()
+    try:
+        run_notebook(entry, out_dir, parameters, progress=progress, placement=placement)
+        return Outcome(entry.name, "ran", time.perf_counter() - start)
+    except Exception as error:
+        detail = "".join(traceback.format_exception_only(type(error), error)).strip().splitlines()
+        return Outcome(entry.name, "failed", time.perf_counter() - start, detail[-1] if detail else "")
 
 
 def summary(outcomes: list[Outcome]) -> str:
@@ -191,13 +218,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-root", help="root of prepared datasets (paper profile)")
     parser.add_argument("--device", help="torch device for every notebook, e.g. cuda")
     parser.add_argument("--registry", type=Path, default=DEFAULT_REGISTRY)
+    parser.add_argument("--executor", choices=("local", "dask"), default="local",
+                        help="local: one notebook after another here; dask: notebooks (and their grids) as Dask tasks")
+    parser.add_argument("--workers", type=int, metavar="N", help="dask without --scheduler: worker processes of "
+                        "the local cluster (default: one per CPU core, or per GPU when the tasks need GPUs)")
+    parser.add_argument("--scheduler", default="", metavar="ADDRESS",
+                        help="dask: address of a running scheduler, e.g. tcp://node:8786 (default: a local cluster)")
     args = parser.parse_args(argv)
+    if args.executor == "local" and (args.workers or args.scheduler):
+        parser.error("--workers and --scheduler need --executor dask")
+    if args.workers and args.scheduler:
+        parser.error("--workers sizes the local cluster; with --scheduler the cluster's own workers run the tasks")
+    if args.workers is not None and args.workers < 1:
+        parser.error(f"--workers must be at least 1, got {args.workers}")
     overrides = {k: v for k, v in (("data_root", args.data_root), ("device", args.device)) if v}
     if args.profile == "paper" and "data_root" not in overrides:
         parser.error("the paper profile needs --data-root (datasets prepared with `zsadkit data prepare`)")
     outcomes = reproduce(
         args.profile, registry=args.registry, out_dir=args.out, only=args.only, force=args.force,
-        overrides=overrides,
+        overrides=overrides, executor=args.executor, workers=args.workers, scheduler=args.scheduler,
     )
     print(summary(outcomes))
     return 1 if any(o.status == "failed" for o in outcomes) else 0
