@@ -143,7 +143,7 @@ def test_the_ablation_grid_on_two_dask_workers_writes_the_local_runs_csvs_byte_f
             "smoke", registry=registry, out_dir=tmp_path / executor, executor=executor,
             workers=2 if executor == "dask" else None, progress=False,
             overrides={"cache_root": str(tmp_path / executor / "cache")})
-    assert [o.status for run in outcomes.values() for o in run] == ["ran", "ran"], outcomes
+    assert [o for run in outcomes.values() for o in run if o.status != "ran"] == []
     assert (tmp_path / "dask" / "anomalyclip" / "ablations.csv").stat().st_size > 10_000
     assert result_csv_differences(tmp_path / "local", tmp_path / "dask") == []
     executed = (tmp_path / "dask" / "executed" / "12_anomalyclip_ablations.ipynb").read_text()
@@ -160,5 +160,5 @@ def test_the_smoke_profile_on_two_dask_workers_writes_the_local_runs_csvs(tmp_pa
         outcomes = reproduce.reproduce("smoke", registry=registry, out_dir=tmp_path / executor, executor=executor,
                                        workers=2 if executor == "dask" else None, progress=False,
                                        overrides={"cache_root": str(tmp_path / executor / "cache")})
-        assert all(o.status == "ran" for o in outcomes), outcomes
+        assert [o for o in outcomes if o.status != "ran"] == []
     assert result_csv_differences(tmp_path / "local", tmp_path / "dask") == []

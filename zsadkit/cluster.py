@@ -97,16 +97,15 @@ def run_on_dask(
     registry: Path,
     workers: int | None = None,
     scheduler: str = "",
-    threads: int | None = None,
 ) -> dict[str, Outcome]:
     """Run `jobs` ((label, entry, parameters) from `zsadkit.reproduce.reproduce`) as Dask tasks; one outcome per
-    notebook, never an exception for one. `threads`: torch threads of every kernel (default: this process's)."""
+    notebook, never an exception for one. Every kernel gets this process's torch thread count."""
     import torch
     from distributed import as_completed
 
     if not jobs:
         return {}
-    threads = threads or torch.get_num_threads()
+    threads = torch.get_num_threads()
     resources = task_resources(registry, profile, [entry.name for _, entry, _ in jobs])
     needed: dict[str, float] = {}
     for amounts in resources.values():
