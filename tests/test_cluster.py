@@ -112,12 +112,15 @@ def test_task_resources_come_from_the_profile_or_the_notebooks_own_entry(registr
         task_resources(bad, "paper", [])
 
 
-def test_a_local_cluster_refuses_resources_it_cannot_provide() -> None:
+def test_a_local_cluster_refuses_resources_it_cannot_provide(registry: Path, tmp_path: Path) -> None:
     import torch
 
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="no CUDA device"):
             local_cluster(2, {"GPU": 1})
+        with pytest.raises(RuntimeError, match="no CUDA device"):  # a run on CUDA: its grid cells need GPUs
+            reproduce.reproduce("smoke", registry=registry, out_dir=tmp_path, only=["grid"], executor="dask",
+                                overrides={"device": "cuda"})
     with pytest.raises(RuntimeError, match=r"only GPU resources, not \['licence'\]"):
         local_cluster(1, {"licence": 1})
 
@@ -131,34 +134,38 @@ def copy_registry(tmp_path: Path, text: str, names: list[str]) -> Path:
     return folder / "registry.yaml"
 
 
+def local_then_dask(registry: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """The registry run locally, then on a local cluster of 2 workers, into the same output folder (result rows
+    record checkpoint paths under it), each with its own feature cache; the two output folders."""
+    out, local = tmp_path / "results", tmp_path / "local"
+    for executor in ("local", "dask"):
+        outcomes = reproduce.reproduce("smoke", registry=registry, out_dir=out, executor=executor,
+                                       workers=2 if executor == "dask" else None, progress=False,
+                                       overrides={"cache_root": str(tmp_path / f"cache_{executor}")})
+        assert [o for o in outcomes if o.status != "ran"] == []
+        if executor == "local":
+            out.rename(local)
+    return local, out
+
+
 def test_the_ablation_grid_on_two_dask_workers_writes_the_local_runs_csvs_byte_for_byte(tmp_path: Path) -> None:
     registry = copy_registry(tmp_path, (
         "profiles:\n  smoke: {backbone: zsad-tiny, pretrained: '', image_size: 112, device: cpu}\n"
         "notebooks:\n  - name: 12_anomalyclip_ablations\n    outputs: [anomalyclip/ablations.csv]\n"
         "    parameters:\n      smoke: {epochs: 1, tables: [Table 5]}\n"),
         ["12_anomalyclip_ablations"])
-    outcomes = {}
-    for executor in ("local", "dask"):  # separate feature caches: each run computes its own features
-        outcomes[executor] = reproduce.reproduce(
-            "smoke", registry=registry, out_dir=tmp_path / executor, executor=executor,
-            workers=2 if executor == "dask" else None, progress=False,
-            overrides={"cache_root": str(tmp_path / executor / "cache")})
-    assert [o for run in outcomes.values() for o in run if o.status != "ran"] == []
-    assert (tmp_path / "dask" / "anomalyclip" / "ablations.csv").stat().st_size > 10_000
-    assert result_csv_differences(tmp_path / "local", tmp_path / "dask") == []
-    executed = (tmp_path / "dask" / "executed" / "12_anomalyclip_ablations.ipynb").read_text()
+    local, dask = local_then_dask(registry, tmp_path)
+    assert (dask / "anomalyclip" / "ablations.csv").stat().st_size > 10_000
+    assert result_csv_differences(local, dask) == []
+    executed = (dask / "executed" / "12_anomalyclip_ablations.ipynb").read_text()
     assert "to compute on Dask" in executed  # the cells ran on the cluster, not in the notebook's kernel
 
 
 @pytest.mark.slow
 def test_the_smoke_profile_on_two_dask_workers_writes_the_local_runs_csvs(tmp_path: Path) -> None:
     """Every registered notebook, smoke profile: local run vs `--executor dask --workers 2`."""
-    text = reproduce.DEFAULT_REGISTRY.read_text()
     _, entries = reproduce.load_registry()
-    registry = copy_registry(tmp_path, text, [entry.name for entry in entries])
-    for executor in ("local", "dask"):
-        outcomes = reproduce.reproduce("smoke", registry=registry, out_dir=tmp_path / executor, executor=executor,
-                                       workers=2 if executor == "dask" else None, progress=False,
-                                       overrides={"cache_root": str(tmp_path / executor / "cache")})
-        assert [o for o in outcomes if o.status != "ran"] == []
-    assert result_csv_differences(tmp_path / "local", tmp_path / "dask") == []
+    registry = copy_registry(tmp_path, reproduce.DEFAULT_REGISTRY.read_text(), [entry.name for entry in entries])
+    local, dask = local_then_dask(registry, tmp_path)
+    assert len(list(local.rglob("*.csv"))) >= 20
+    assert result_csv_differences(local, dask) == []

@@ -5,7 +5,8 @@
 
 Each notebook to run is one task: `zsadkit.reproduce.run_entry` on a worker (papermill there, its kernel a child
 of that worker, outputs written to the output folder, which the workers must share). Without `--scheduler` the
-runner starts a `zsadkit.grid.local_cluster` and closes it at the end.
+runner starts a `zsadkit.grid.local_cluster` (one worker per GPU when a task needs one or the run is on CUDA)
+and closes it at the end.
 
 Resources are data in `notebooks/registry.yaml`: `resources: {profile: {NAME: amount}}` at the top, overridden
 by a notebook entry's own `resources`. In the paper profile every notebook needs `GPU: 1`, so a worker started
@@ -111,6 +112,8 @@ def run_on_dask(
     for amounts in resources.values():
         for name, amount in amounts.items():
             needed[name] = max(needed.get(name, 0), amount)
+    if any(str(parameters.get("device", "")).startswith("cuda") for _, _, parameters in jobs):
+        needed["GPU"] = max(needed.get("GPU", 0), 1)  # grid cells on CUDA take a GPU (RunConfig.cell_resources)
     outcomes: dict[str, Outcome] = {}
     with dask_client(scheduler, workers=workers, resources=needed) as client:
         address = client.scheduler.address

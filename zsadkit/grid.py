@@ -195,12 +195,17 @@ def local_cluster(workers: int | None = None, resources: Mapping[str, float] | N
 
     Without resources: `workers` processes (default: one per CPU core). With `{"GPU": n}`: one worker per GPU
     (`workers` of them, default all), each seeing only its GPU (`CUDA_VISIBLE_DEVICES`) and advertising `GPU: 1`.
-    The memory limit is off (a cell may need most of the machine's memory) and the dashboard is not started.
+    The memory limit is off (a cell may need most of the machine's memory). The workers keep this process's
+    environment: Dask's `distributed.nanny.pre-spawn-environ` (OMP_NUM_THREADS=1, MALLOC_TRIM_THRESHOLD_=65536) is
+    not applied, because a fixed malloc trim threshold makes torch's CPU code about 2x slower (cells set their
+    thread count themselves, `run_grid(threads=)`). Dask's INFO messages are silenced (the `distributed` logger is
+    set to WARNING), so that they do not bury the runner's and the notebooks' output.
 
     Raises:
         RuntimeError: GPUs are asked for and this machine has none (or fewer than `workers`), or a resource other
             than GPU is asked for (start workers with `dask worker --resources` instead).
     """
+    import dask
     from distributed import Nanny, Scheduler, SpecCluster
 
     resources = {name: amount for name, amount in (resources or {}).items() if amount}
@@ -225,7 +230,9 @@ def local_cluster(workers: int | None = None, resources: Mapping[str, float] | N
                                                 "silence_logs": logging.WARNING}}
              for index, (env, worker) in enumerate(environments)}
     scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1", "dashboard": False, "dashboard_address": None}}
-    return SpecCluster(workers=specs, scheduler=scheduler, silence_logs=logging.WARNING, name="zsadkit")
+    logging.getLogger("distributed").setLevel(logging.WARNING)
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": {}}):  # read by each Nanny when it is created
+        return SpecCluster(workers=specs, scheduler=scheduler, silence_logs=logging.WARNING, name="zsadkit")
 
 
 @contextlib.contextmanager
@@ -255,6 +262,7 @@ def dask_client(
     except ValueError:  # no client in this process
         current = None
     if current is not None:
+        _warn_missing_resources(current, resources)
         yield current
         return
     cluster = local_cluster(workers, resources)
