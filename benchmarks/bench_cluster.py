@@ -7,8 +7,9 @@ Prints:
   issue 15: >= 1.6x on the project's 2-core machine);
 * the scheduling overhead per task: `--tasks` cells that do nothing, on 2 workers, against the same grid run
   serially (which costs only the store), per task;
-* the load average before and after each measurement, and how many cores the cells got (their CPU seconds over
-  the wall time): other processes share the CPU, and a speed-up needs two idle cores.
+* the load average before and after each measurement, how many cores the cells got (their CPU seconds over the
+  wall time), and first how many cores 1 and 2 spinning processes get: other sessions share the CPU, and a
+  speed-up needs two free cores.
 
 Cluster start-up (about 3 s) is timed apart; every measured grid writes to a fresh store, so every cell computes.
 
@@ -19,10 +20,12 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -44,6 +47,26 @@ def forward_passes(cell: dict, clip: torch.nn.Module, repeats: int) -> tuple[flo
         for _ in range(repeats):
             total += float(model.predict(images, ["object"] * len(images)).image_scores.sum())
     return total, time.process_time() - start
+
+
+def busy(seconds: float, cpu: Any) -> None:
+    """Spin for `seconds`; add the CPU seconds this process got to `cpu`."""
+    start, cpu_start = time.perf_counter(), time.process_time()
+    while time.perf_counter() - start < seconds:
+        pass
+    with cpu.get_lock():
+        cpu.value += time.process_time() - cpu_start
+
+
+def available_cores(processes: int, seconds: float = 2.0) -> float:
+    """How many cores `processes` spinning processes get right now (other sessions share the CPU)."""
+    cpu = multiprocessing.Value("d", 0.0)
+    workers = [multiprocessing.Process(target=busy, args=(seconds, cpu)) for _ in range(processes)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    return cpu.value / seconds
 
 
 def nothing(cell: dict) -> int:
@@ -73,7 +96,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=40, help="forward passes per cell")
     parser.add_argument("--tasks", type=int, default=200, help="no-op cells for the overhead per task")
     args = parser.parse_args()
-    print(f"{os.cpu_count()} CPUs, torch {torch.__version__}, {load()}")
+    print(f"{os.cpu_count()} CPUs, torch {torch.__version__}, {load()}; spinning processes get "
+          f"{available_cores(1):.2f} cores (1 process), {available_cores(2):.2f} cores (2 processes)")
     clip = load_clip("zsad-tiny", image_size=112)
     grid = {"shared": {"clip": clip, "repeats": args.repeats}, "threads": 1}
     print(f"12-cell smoke grid ({args.repeats} forward passes of AnomalyCLIP/zsad-tiny per cell, 1 thread each):")
