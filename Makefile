@@ -1,5 +1,6 @@
 # Two commands on a fresh machine: `make reproduce` (results/smoke/ from every notebook) and `make test`.
-# Both create .venv and install the pinned environment on first use (~5.5 GB of PyPI wheels, a few minutes).
+# Both create .venv and install the pinned environment on first use (~5.5 GB of PyPI wheels, a few minutes): the
+# package with its `dev` and `cluster` extras (the test suite runs the Dask executor on a local cluster).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -10,7 +11,7 @@ PROFILE ?= smoke
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,cluster]"
 	touch $(STAMP)
 
 install: $(STAMP)

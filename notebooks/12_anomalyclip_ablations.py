@@ -52,6 +52,8 @@ fig8_values = {"n_ctx": [4, 8, 12, 16], "deep_depth": [1, 3, 5, 7, 9, 11], "deep
 pro = "cflow200"
 cache_root = ""  # feature caches of training and test images; empty: .cache/features
 cache_dtype = "float32"  # "float16" halves the caches (ViT-L @518: ~3.6 GB instead of 7.2 GB per 1725 images)
+executor = "local"  # "dask": the grid's distinct runs are tasks on a Dask cluster (zsadkit.grid.run_grid)
+scheduler = ""  # Dask scheduler address for executor "dask"; "": a local cluster
 
 # %%
 import json
@@ -146,28 +148,38 @@ print(f"{len(entries)} grid entries")
 # side cost the text encoder and the scoring only.
 
 # %%
-done: dict[str, pd.DataFrame] = {}
-all_rows = []
+# One grid cell per distinct (training set, configuration, trained?) run, computed serially or as Dask tasks
+# (`executor`, `scheduler`) and stored as it finishes under anomalyclip/grid_cells/: a rerun computes only the
+# missing cells, and the rows are written in the grid's order whatever order the cells finished in.
+from zsadkit.grid import run_grid
+
+
+def train_and_test(cell: dict, clip) -> pd.DataFrame:
+    """One distinct run: train the configuration on the auxiliary set (if trained) and test it on each test set."""
+    model = cfg.build("anomalyclip", clip=clip, **cell["config"])
+    if cell["trained"]:
+        fit(model, load_split(cfg, cell["train_set"], split="test"),
+            TrainConfig(epochs=epochs, batch_size=train_batch_size, lr=learning_rate, seed=cfg.train_seed),
+            cache_root=cache_root or None, cache_dtype=cache_dtype, device=cfg.device)
+    frames = [evaluate(model, load_split(cfg, name, split="test"), dataset=name, batch_size=cfg.batch_size,
+                       device=cfg.device, pro=pro, cache_root=cache_root or None, cache_dtype=cache_dtype)
+              for name in cell["test_sets"]]
+    provenance = cfg.provenance("anomalyclip", train_set=cell["train_set"] if cell["trained"] else "none",
+                                train_seed=cfg.train_seed)
+    return tidy(pd.concat(frames, ignore_index=True), provenance)
+
+
+cells, labels = [], []
 for train_set, test_sets in runs:
-    train_samples = load_split(cfg, train_set, split="test")
-    test_samples = {name: load_split(cfg, name, split="test") for name in test_sets}
     for table, variant, overrides, trained in entries:
-        model = cfg.build("anomalyclip", clip=clip, **overrides)
-        key = json.dumps([train_set, model.config.to_json(), trained])
-        if key not in done:
-            if trained:
-                fit(model, train_samples, TrainConfig(epochs=epochs, batch_size=train_batch_size, lr=learning_rate,
-                                                      seed=cfg.train_seed), cache_root=cache_root or None,
-                    cache_dtype=cache_dtype, device=cfg.device)
-            frames = [evaluate(model, samples, dataset=name, batch_size=cfg.batch_size, device=cfg.device, pro=pro,
-                               cache_root=cache_root or None, cache_dtype=cache_dtype)
-                      for name, samples in test_samples.items()]
-            provenance = cfg.provenance("anomalyclip", train_set=train_set if trained else "none",
-                                        train_seed=cfg.train_seed)
-            done[key] = tidy(pd.concat(frames, ignore_index=True), provenance)
-            print(f"{train_set}: {table} / {variant}: done ({len(done)} distinct runs)")
-        all_rows.append(done[key].assign(table=table, variant=variant, overrides=json.dumps(overrides)))
-results = pd.concat(all_rows, ignore_index=True)
+        config = json.loads(reference_config(clip, **overrides).to_json())
+        cells.append({"train_set": train_set, "test_sets": list(test_sets), "config": config, "trained": trained})
+        labels.append({"table": table, "variant": variant, "overrides": json.dumps(overrides)})
+frames = run_grid(train_and_test, cells, store=output / "grid_cells" / "ablations", shared={"clip": clip},
+                  context={**cfg.settings(), "epochs": epochs, "train_batch_size": train_batch_size,
+                           "learning_rate": learning_rate, "pro": pro, "cache_dtype": cache_dtype},
+                  executor=cfg.executor, scheduler=cfg.scheduler, resources=cfg.cell_resources)
+results = pd.concat([frame.assign(**label) for frame, label in zip(frames, labels, strict=True)], ignore_index=True)
 write_results(results, output / "ablations.csv")
 print(f"wrote {output / 'ablations.csv'}" + ("; random weights: pipeline check only" if not cfg.pretrained else ""))
 

@@ -58,6 +58,8 @@ winclip_image_size = 0  # 0: the run's image size; paper: 240
 winclip_profile = "mala"
 shots = [1, 2, 4]  # WinCLIP+ reference images per class
 pro = "cflow200"
+executor = "local"  # "dask": WinCLIP+'s (test set, K) cells are tasks on a Dask cluster (zsadkit.grid.run_grid)
+scheduler = ""  # Dask scheduler address for executor "dask"; "": a local cluster
 
 # %%
 import matplotlib.pyplot as plt
@@ -187,18 +189,31 @@ cfg.save_figure(fig, output / "baselines_auroc.png")
 # (`sample_references`). Image score ½·(ascore₀ + max M_W); map ½·(zero-shot map + M_W).
 
 # %%
+# One grid cell per (test set, K), computed serially or as Dask tasks (`executor`, `scheduler`) and stored as it
+# finishes under baselines/grid_cells/; rows in the grid's order.
+from zsadkit.grid import run_grid
+
+
+def winclip_plus(cell: dict, winclip) -> pd.DataFrame:
+    """WinCLIP+ with K = cell["shots"] references per class, on one test set; the references are cleared after."""
+    try:
+        rows = evaluate_few_shot(winclip, load_split(cfg, cell["dataset"], split="test"),
+                                 load_split(cfg, cell["dataset"], split="train"), cell["shots"],
+                                 dataset=cell["dataset"], image_size=winclip_cfg.image_size,
+                                 batch_size=cfg.batch_size, device=cfg.device, seed=few_shot_seed, pro=pro)
+    finally:
+        winclip.clear_references()
+    return tidy(rows, winclip_cfg.provenance("winclip+", shots=cell["shots"], train_seed=few_shot_seed))
+
+
 few_shot_rows = []
 if "winclip" in methods and shots:
-    for test_set in test_sets:
-        test_samples = load_split(cfg, test_set, split="test")
-        train_samples = load_split(cfg, test_set, split="train")
-        for k in shots:
-            rows = evaluate_few_shot(winclip, test_samples, train_samples, k, dataset=test_set,
-                                     image_size=winclip_cfg.image_size, batch_size=cfg.batch_size,
-                                     device=cfg.device, seed=few_shot_seed, pro=pro)
-            few_shot_rows.append(tidy(rows, winclip_cfg.provenance("winclip+", shots=k, train_seed=few_shot_seed)))
-            print(f"winclip+: {test_set}, K = {k} done")
-        winclip.clear_references()
+    few_shot_rows = run_grid(
+        winclip_plus, [{"dataset": test_set, "shots": k} for test_set in test_sets for k in shots],
+        store=output / "grid_cells" / "winclip_few_shot", shared={"winclip": winclip},
+        context={**winclip_cfg.settings(), "winclip_profile": winclip_profile, "few_shot_seed": few_shot_seed,
+                 "pro": pro},
+        executor=cfg.executor, scheduler=cfg.scheduler, resources=cfg.cell_resources)
 few_shot = pd.concat(few_shot_rows, ignore_index=True) if few_shot_rows else pd.DataFrame()
 if len(few_shot):
     write_results(few_shot, output / "winclip_few_shot.csv")

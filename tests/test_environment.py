@@ -1,4 +1,4 @@
-"""pyproject.toml and environment.yml pin the same packages at the same versions."""
+"""pyproject.toml (dependencies and every extra) and environment.yml pin the same packages at the same versions."""
 
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ def pins(requirements: list[str]) -> dict[str, str]:
 
 def test_pyproject_and_environment_yml_pin_the_same_versions() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    declared = pins(project["dependencies"] + project["optional-dependencies"]["dev"])
+    declared = pins(project["dependencies"] + [requirement for extra in project["optional-dependencies"].values()
+                                               for requirement in extra])
     conda = yaml.safe_load((ROOT / "environment.yml").read_text())
     pip_section = next(d["pip"] for d in conda["dependencies"] if isinstance(d, dict) and "pip" in d)
     assert pins([r for r in pip_section if not r.startswith("-e")]) == declared

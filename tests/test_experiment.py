@@ -81,3 +81,13 @@ def test_every_method_of_a_run_is_built_on_the_same_random_backbone() -> None:
     # backbone was drawn with the train seed)
     assert not torch.equal(cfg.build("coop", train_seed=5).trainable_parameters()["contexts"],
                            backbones["coop"].trainable_parameters()["contexts"])
+
+
+def test_executor_and_scheduler_say_where_a_grid_runs_and_are_not_settings_of_a_result() -> None:
+    with pytest.raises(ValueError, match="executor must be one of"):
+        RunConfig(executor="slurm")
+    local = RunConfig(out_dir="/tmp/a")
+    remote = RunConfig(out_dir="/tmp/b", executor="dask", scheduler="tcp://head:8786")
+    assert local.settings() == remote.settings() and "executor" not in local.settings()
+    assert local.settings()["image_size"] == 112
+    assert RunConfig(device="cuda:1").cell_resources == {"GPU": 1} and local.cell_resources == {}

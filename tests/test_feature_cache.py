@@ -96,3 +96,38 @@ def test_an_interrupted_build_is_rebuilt(samples, tmp_path: Path) -> None:
         cache.dataset()
     cache.build(samples, CountingEncoder(), 16)
     assert cache.complete and len(cache.dataset()) == 5
+
+
+def test_builders_of_the_same_cache_at_once_never_expose_a_half_written_directory(samples, tmp_path: Path) -> None:
+    import threading
+
+    barrier = threading.Barrier(2, timeout=30)
+    half_written: list[bool] = []
+
+    class WatchingEncoder(CountingEncoder):
+        """Meets the other builder at its first call; at every call, looks at the cache directory a reader sees."""
+
+        def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+            if self.calls == 0:
+                barrier.wait()
+            cache = FeatureCache(tmp_path, {"encoder": "counting"})
+            half_written.append(cache.directory.exists() and not cache.complete)
+            return super().__call__(images)
+
+    errors: list[BaseException] = []
+
+    def build() -> None:
+        try:
+            FeatureCache(tmp_path, {"encoder": "counting"}).build(samples, WatchingEncoder(), 16, batch_size=2)
+        except BaseException as error:  # collected and asserted below
+            errors.append(error)
+
+    threads = [threading.Thread(target=build) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors and half_written and not any(half_written)
+    cache = FeatureCache(tmp_path, {"encoder": "counting"})
+    assert cache.complete and len(cache.dataset()) == 5
+    assert [path.name for path in tmp_path.iterdir() if path.name.startswith(".")] == []  # no staging folder left

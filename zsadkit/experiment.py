@@ -40,6 +40,7 @@ from typing import Any
 from torch import nn
 
 from zsadkit.data.records import Sample
+from zsadkit.grid import EXECUTORS
 from zsadkit.methods import Detector, build_method
 from zsadkit.models import load_backbone
 from zsadkit.paths import SMOKE_DATA_ROOT, results_dir
@@ -67,6 +68,9 @@ class RunConfig:
         backbone_seed: seed of random backbone weights.
         train_seed: seed of a method's initialisation, data order and few-shot draws.
         batch_size: images per forward pass at test time.
+        executor: where the notebook's grid runs (`zsadkit.grid.run_grid`): "local" (serially) or "dask".
+        scheduler: address of a Dask scheduler for executor "dask"; "" starts a local cluster. Neither changes a
+            result: they are not part of `settings()`.
     """
 
     profile: str = "smoke"
@@ -79,10 +83,14 @@ class RunConfig:
     backbone_seed: int = 0
     train_seed: int = 111
     batch_size: int = 8
+    executor: str = "local"
+    scheduler: str = ""
 
     def __post_init__(self) -> None:
         if self.profile not in PROFILES:
             raise ValueError(f"profile must be one of {PROFILES}, got {self.profile!r}")
+        if self.executor not in EXECUTORS:
+            raise ValueError(f"executor must be one of {EXECUTORS}, got {self.executor!r}")
         if not self.out_dir:
             object.__setattr__(self, "out_dir", str(results_dir("scratch") / self.profile))
 
@@ -102,6 +110,15 @@ class RunConfig:
     def weights_label(self) -> str:
         """What the results' `weights` column says: the tag or file, or "random"."""
         return self.pretrained or "random"
+
+    @property
+    def cell_resources(self) -> dict[str, int]:
+        """What one grid cell of this run needs on a Dask worker: a GPU when the run is on CUDA."""
+        return {"GPU": 1} if self.device.startswith("cuda") else {}
+
+    def settings(self) -> dict[str, Any]:
+        """The fields a result can depend on (all but where outputs go and where the grid runs): a grid's context."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("out_dir", "executor", "scheduler")}
 
     @property
     def output(self) -> Path:

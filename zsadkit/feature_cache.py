@@ -9,8 +9,9 @@ masks and labels; epochs then read memory-mapped rows. `cached_rows` does this f
 Staleness: the directory name is a hash of a key that includes a fingerprint of the backbone's weights
 (`zsadkit.models.module_fingerprint`), the caller's settings (layers, attention variants, token type, ...), the image size,
 the dtype and every sample's paths, label, size and modification time. A different key gives a different
-directory, so a stale cache is never reused. A cache is complete only once its `meta.json` is written (last);
-an interrupted build is rebuilt.
+directory, so a stale cache is never reused. A cache is built in a temporary folder beside its directory and
+renamed into place once its `meta.json` is written (last), so processes that build the same cache at once (grid
+cells on several workers) never read or delete a half-written one; an interrupted build is rebuilt.
 
 Example:
     >>> cache = FeatureCache("/tmp/zsad-cache", {"backbone": "zsad-tiny", "layers": [4]})  # doctest: +SKIP
@@ -22,7 +23,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -96,12 +99,42 @@ class FeatureCache:
         """
         if self.complete:
             return self
-        if self.directory.exists():
-            shutil.rmtree(self.directory)  # an interrupted build
-        self.directory.mkdir(parents=True)
+        self.directory.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{self.directory.name}-", dir=self.directory.parent))
+        try:
+            self._write(staging, samples, encode, image_size, batch_size, device, np.dtype(dtype), progress, resize,
+                        dataset)
+            for attempt in range(2):
+                try:
+                    os.replace(staging, self.directory)
+                    break
+                except OSError:  # the directory exists: built by another process meanwhile, or interrupted in place
+                    if self.complete:
+                        break
+                    if attempt:
+                        raise
+                    shutil.rmtree(self.directory, ignore_errors=True)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return self
+
+    def _write(
+        self,
+        directory: Path,
+        samples: Sequence[Sample],
+        encode: EncodeFunction,
+        image_size: int,
+        batch_size: int,
+        device: str | torch.device,
+        dtype: np.dtype,
+        progress: bool,
+        resize: ResizeMode,
+        dataset: Dataset | None,
+    ) -> None:
+        """Encode every sample into `directory`: one array per output, the masks, labels and `meta.json` last."""
         count = len(samples) if dataset is None else len(dataset)
         arrays: dict[str, np.ndarray] = {}
-        masks = np.lib.format.open_memmap(self.directory / "mask.npy", "w+", np.uint8, (count, image_size, image_size))
+        masks = np.lib.format.open_memmap(directory / "mask.npy", "w+", np.uint8, (count, image_size, image_size))
         labels = np.zeros(count, dtype=np.int64)
         class_names: list[str] = [""] * count
         if dataset is None:
@@ -119,7 +152,7 @@ class FeatureCache:
                     raise ValueError(f"FeatureCache: encoder output name {name!r} is reserved")
                 if name not in arrays:
                     arrays[name] = np.lib.format.open_memmap(
-                        self.directory / f"{name}.npy", "w+", np.dtype(dtype), (count, *value.shape[1:])
+                        directory / f"{name}.npy", "w+", dtype, (count, *value.shape[1:])
                     )
                 arrays[name][index] = value.detach().float().cpu().numpy().astype(dtype)
             masks[index] = (batch["mask"] > 0.5).numpy().astype(np.uint8)
@@ -129,10 +162,9 @@ class FeatureCache:
         bar.close()
         for array in (*arrays.values(), masks):
             array.flush()
-        np.save(self.directory / "label.npy", labels)
+        np.save(directory / "label.npy", labels)
         meta = {"key": self.key, "count": count, "arrays": sorted(arrays), "class_names": class_names}
-        (self.directory / META_FILE).write_text(json.dumps(meta, sort_keys=True, default=str))
-        return self
+        (directory / META_FILE).write_text(json.dumps(meta, sort_keys=True, default=str))
 
     def dataset(self) -> CachedFeatureDataset:
         """The cached rows as a map-style dataset (memory-mapped, read on access)."""

@@ -17,9 +17,9 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
                        "zsadkit.metrics", "zsadkit.stats")),
     ("methods", ("zsadkit.methods",)),
     ("engine", ("zsadkit.feature_cache", "zsadkit.engine", "zsadkit.training", "zsadkit.recipes", "zsadkit.results",
-                "zsadkit.protocols")),
+                "zsadkit.protocols", "zsadkit.grid")),
     ("experiment", ("zsadkit.experiment", "zsadkit.predict", "zsadkit.preflight", "zsadkit.reproduce",
-                    "zsadkit.verify", "zsadkit.cli", "zsadkit.book")),
+                    "zsadkit.verify", "zsadkit.cli", "zsadkit.book", "zsadkit.cluster")),
 )
 
 

@@ -5,6 +5,7 @@
         --pretrained ~/weights/ViT-L-14-336px.pt --set winclip_pretrained=~/weights/vit_b_16_plus_240.pt
     python -m zsadkit.reproduce --profile smoke --only 00_quickstart --force
     python -m zsadkit.reproduce --profile cpu --data-root ~/zsad-data --set epochs=3
+    python -m zsadkit.reproduce --profile smoke --executor dask --workers 2        # notebooks as Dask tasks
 
 The registry (`notebooks/registry.yaml`) lists each notebook with the parameters of each profile, the profiles it
 belongs to, what data it needs and the files it writes under the profile's output folder.
@@ -21,6 +22,8 @@ belongs to, what data it needs and the files it writes under the profile's outpu
   stopped; `--force` reruns it and, in notebooks that train (declaring `retrain`), retrains from scratch.
 * A failing notebook does not stop the others; the summary lists each failure with its full message and the exit
   status is non-zero. Ctrl-C stops with one line; a rerun resumes.
+* `--executor dask` runs the notebooks (and the grids inside them) as tasks on a Dask cluster (`zsadkit.cluster`):
+  a local cluster of `--workers` processes, or the running scheduler at `--scheduler`.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ __all__ = [
     "notebook_parameters",
     "parse_assignment",
     "reproduce",
+    "run_entry",
     "run_notebook",
     "summary",
 ]
@@ -107,7 +111,7 @@ class Outcome:
     detail: str = ""
 
 
-ENTRY_KEYS = {"name", "parameters", "outputs", "profiles", "paper", "ablation", "datasets", "data_protocol",
+ENTRY_KEYS = {"name", "parameters", "outputs", "profiles", "paper", "ablation", "datasets", "data_protocol", "resources",
               "cache_gb"}
 
 
@@ -214,8 +218,12 @@ def is_complete(entry: NotebookEntry, out_dir: Path, parameters: dict) -> bool:
                for output in entry.outputs)
 
 
-def run_notebook(entry: NotebookEntry, out_dir: Path, parameters: dict, progress: bool = True) -> None:
-    """Execute one notebook with papermill (kernel `python3`) and stamp it complete with its outputs' digests."""
+def run_notebook(
+    entry: NotebookEntry, out_dir: Path, parameters: dict, progress: bool = True, placement: dict | None = None
+) -> None:
+    """Execute one notebook with papermill (kernel `python3`) and stamp it complete with its outputs' digests.
+    `placement` (executor, scheduler) is injected too but is not part of the stamp: it says where the notebook's
+    grid runs, not what it computes."""
     import papermill
 
     executed = out_dir / "executed"
@@ -226,7 +234,7 @@ def run_notebook(entry: NotebookEntry, out_dir: Path, parameters: dict, progress
     papermill.execute_notebook(
         str(entry.path),
         str(executed / f"{entry.name}.ipynb"),
-        parameters=parameters,
+        parameters={**parameters, **(placement or {})},
         kernel_name="python3",
         cwd=str(entry.path.parent),
         progress_bar=progress,
@@ -284,8 +292,14 @@ def reproduce(
     overrides: dict | None = None,
     progress: bool = True,
     preflight: bool = True,
+    executor: str = "local",
+    workers: int | None = None,
+    scheduler: str = "",
 ) -> list[Outcome]:
     """Run the registered notebooks of `profile`; returns one outcome per notebook, never raises for one.
+
+    `executor` "local" runs them one after another here; "dask" runs them as tasks on a Dask cluster
+    (`zsadkit.cluster.run_on_dask`: the scheduler at `scheduler`, or a local cluster of `workers` processes).
 
     Raises:
         ValueError: an unknown notebook in `only`, or an override no selected notebook declares.
@@ -317,20 +331,36 @@ def reproduce(
         problems = check(_merge_needs([needs_of(entry, profile, parameters) for entry, parameters in plans]))
         if problems:
             raise PreflightError(problems)
-    outcomes = []
+    outcomes: dict[str, Outcome] = {}
+    jobs = []
     for index, (entry, parameters) in enumerate(plans, 1):
         if not force and is_complete(entry, out_dir, parameters):
             print(f"[{index}/{len(plans)}] {entry.name}: outputs complete, skipped (use --force to rerun)")
-            outcomes.append(Outcome(entry.name, "skipped"))
+            outcomes[entry.name] = Outcome(entry.name, "skipped")
             continue
-        print(f"[{index}/{len(plans)}] {entry.name}: running", flush=True)
-        start = time.perf_counter()
-        try:
-            run_notebook(entry, out_dir, parameters, progress=progress)
-            outcomes.append(Outcome(entry.name, "ran", time.perf_counter() - start))
-        except Exception as error:  # keep going: one broken notebook must not hide the others' results
-            outcomes.append(Outcome(entry.name, "failed", time.perf_counter() - start, _failure_message(error)))
-    return outcomes
+        jobs.append((f"[{index}/{len(plans)}]", entry, parameters))
+    if executor == "dask":  # the one dispatch point: the same run_entry, as tasks on a Dask cluster
+        from zsadkit.cluster import run_on_dask
+
+        outcomes |= run_on_dask(jobs, out_dir, profile=profile, registry=registry, workers=workers,
+                                scheduler=scheduler)
+    else:
+        for label, entry, parameters in jobs:
+            print(f"{label} {entry.name}: running", flush=True)
+            outcomes[entry.name] = run_entry(entry, out_dir, parameters, progress=progress)
+    return [outcomes[entry.name] for entry, _ in plans]
+
+
+def run_entry(
+    entry: NotebookEntry, out_dir: Path, parameters: dict, *, progress: bool = True, placement: dict | None = None
+) -> Outcome:
+    """Run one notebook; its outcome, never an exception (one broken notebook must not hide the others' results)."""
+    start = time.perf_counter()
+    try:
+        run_notebook(entry, out_dir, parameters, progress=progress, placement=placement)
+        return Outcome(entry.name, "ran", time.perf_counter() - start)
+    except Exception as error:
+        return Outcome(entry.name, "failed", time.perf_counter() - start, _failure_message(error))
 
 
 def _failure_message(error: Exception) -> str:
@@ -367,8 +397,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backbone", help="the main backbone (an open_clip model name)")
     parser.add_argument("--image-size", type=int, help="input side of the main backbone")
     parser.add_argument("--skip-preflight", action="store_true", help="run without checking data and weights first")
+    parser.add_argument("--executor", choices=("local", "dask"), default="local",
+                        help="local: one notebook after another here; dask: notebooks (and their grids) as Dask tasks")
+    parser.add_argument("--workers", type=int, metavar="N", help="dask without --scheduler: worker processes of "
+                        "the local cluster (default: one per CPU core, or per GPU when the tasks need GPUs)")
+    parser.add_argument("--scheduler", default="", metavar="ADDRESS",
+                        help="dask: address of a running scheduler, e.g. tcp://node:8786 (default: a local cluster)")
     parser.add_argument("--registry", type=Path, default=DEFAULT_REGISTRY)
     args = parser.parse_args(argv)
+    if args.executor == "local" and (args.workers or args.scheduler):
+        parser.error("--workers and --scheduler need --executor dask")
+    if args.workers and args.scheduler:
+        parser.error("--workers sizes the local cluster; with --scheduler the cluster's own workers run the tasks")
+    if args.workers is not None and args.workers < 1:
+        parser.error(f"--workers must be at least 1, got {args.workers}")
     try:
         overrides = dict(parse_assignment(text) for text in args.set)
     except ValueError as error:
@@ -381,7 +423,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"the {args.profile} profile needs --data-root (datasets prepared with `zsadkit data prepare`)")
     try:
         outcomes = reproduce(args.profile, registry=args.registry, out_dir=args.out, only=args.only, force=args.force,
-                             overrides=overrides, preflight=not args.skip_preflight)
+                             overrides=overrides, preflight=not args.skip_preflight, executor=args.executor,
+                             workers=args.workers, scheduler=args.scheduler)
     except (ValueError, PreflightError) as error:
         print(error)
         return 2
