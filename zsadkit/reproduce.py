@@ -63,6 +63,8 @@ __all__ = [
 ]
 
 DEFAULT_REGISTRY = REGISTRY_FILE
+#: Command-line settings every selected notebook gets, declared or not (`--data-root`, `--device`).
+EVERY_NOTEBOOK = frozenset({"data_root", "device"})
 #: Parameters that change how a notebook runs, not what it produces (left out of the completion digest).
 RUN_ONLY_PARAMETERS = ("retrain",)
 
@@ -316,13 +318,13 @@ def reproduce(
     overrides = dict(overrides or {})
     declared = {entry.name: declared_parameters(entry) for entry in entries}
     every_declared = set().union(*declared.values()) if declared else set()
-    unknown = sorted(set(overrides) - every_declared - {"data_root", "device"})
+    unknown = sorted(set(overrides) - every_declared - EVERY_NOTEBOOK)
     if unknown:
         raise ValueError(f"--set {unknown}: no selected notebook declares {'it' if len(unknown) == 1 else 'them'}; "
                          f"declared parameters: {sorted(every_declared)}")
     plans = []
     for entry in entries:
-        own = {key: value for key, value in overrides.items() if key in declared[entry.name]}
+        own = {key: value for key, value in overrides.items() if key in declared[entry.name] | EVERY_NOTEBOOK}
         parameters = notebook_parameters(entry, defaults, profile, out_dir, own)
         if force and "retrain" in declared[entry.name]:
             parameters["retrain"] = True
