@@ -308,6 +308,10 @@ class InCTRL(nn.Module):
         config: `InCTRLConfig`.
     """
 
+    #: InCTRL scores a query only against K normal references (`fit_references`); `zsadkit.predict` and the
+    #: registry's callers fit them before predicting.
+    requires_references = True
+
     def __init__(self, clip: nn.Module, config: InCTRLConfig | None = None) -> None:
         super().__init__()
         self.config = config or InCTRLConfig()
