@@ -53,6 +53,7 @@ pro = "cflow200"
 cache_root = ""  # feature caches of training and test images; empty: .cache/features
 cache_dtype = "float32"  # "float16" halves the caches (ViT-L @518: ~3.6 GB instead of 7.2 GB per 1725 images)
 executor = "local"  # "dask": the grid's distinct runs are tasks on a Dask cluster (zsadkit.grid.run_grid)
+retrain = False  # True: recompute every grid cell even where stored (the runner's --force sets it)
 scheduler = ""  # Dask scheduler address for executor "dask"; "": a local cluster
 
 # %%
@@ -178,7 +179,7 @@ for train_set, test_sets in runs:
 frames = run_grid(train_and_test, cells, store=output / "grid_cells" / "ablations", shared={"clip": clip},
                   context={**cfg.settings(), "epochs": epochs, "train_batch_size": train_batch_size,
                            "learning_rate": learning_rate, "pro": pro, "cache_dtype": cache_dtype},
-                  executor=cfg.executor, scheduler=cfg.scheduler, resources=cfg.cell_resources)
+                  executor=cfg.executor, scheduler=cfg.scheduler, resources=cfg.cell_resources, recompute=retrain)
 results = pd.concat([frame.assign(**label) for frame, label in zip(frames, labels, strict=True)], ignore_index=True)
 write_results(results, output / "ablations.csv")
 print(f"wrote {output / 'ablations.csv'}" + ("; random weights: pipeline check only" if not cfg.pretrained else ""))

@@ -130,7 +130,7 @@ for train_set, tests in runs:
         for test_set in tests:
             all_rows.append(tidy(score(vand, test_set, cfg.image_size), cfg.provenance(
                 "vand", train_set=train_set, checkpoint=checkpoint, train_seed=cfg.train_seed)))
-        print(f"vand: trained {n_epochs} epochs on {train_set}, tested on {tests}")
+        print(f"vand: {result.describe()} on {train_set}, tested on {tests}")
     if "coop" in methods:
         coop = cfg.build("coop")
         result = coop_recipe.fit(coop, train_samples, coop_recipe.train_config(

@@ -56,6 +56,7 @@ runs = []  # [[auxiliary set, [test sets]], ...]; empty: the paper protocol (zsa
 checkpoints = {}  # {auxiliary set: adapters (.safetensors of save_adapters, or an official save_path folder)}
 official_epoch = 15  # the image_adapter_<epoch>.pth of an official save_path folder (15: the authors' choice)
 cache_root = ""  # feature cache of stage 1; empty: .cache/features
+retrain = False  # True: train from scratch even where checkpoints exist (the runner's --force sets it)
 
 # %%
 from dataclasses import replace
@@ -64,7 +65,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from zsadkit.experiment import RunConfig, load_split
+from zsadkit.experiment import RunConfig, interactive_session, load_split
 from zsadkit.protocols import (
     beside_published,
     domain,
@@ -91,8 +92,10 @@ runs = runs or protocol("aaclip").runs_for(cfg.data_root)
 output = cfg.output / "aaclip"
 output.mkdir(parents=True, exist_ok=True)
 clip = cfg.build("aaclip").clip  # the backbone as the reference builds it (bicubic position resize, exact GELU)
-stage1 = replace(STAGE1, epochs=stage1_epochs, lr=stage1_lr, batch_size=stage1_batch_size, seed=cfg.train_seed)
-stage2 = replace(STAGE2, epochs=stage2_epochs, lr=stage2_lr, batch_size=stage2_batch_size, seed=cfg.train_seed)
+stage1 = replace(STAGE1, epochs=stage1_epochs, lr=stage1_lr, batch_size=stage1_batch_size, seed=cfg.train_seed,
+                 resume=not retrain)
+stage2 = replace(STAGE2, epochs=stage2_epochs, lr=stage2_lr, batch_size=stage2_batch_size, seed=cfg.train_seed,
+                 resume=not retrain)
 print(f"stage 1: {stage1}\nstage 2: {stage2}")
 
 # %% [markdown]
@@ -118,7 +121,7 @@ for run_index, (train_set, test_sets) in enumerate(runs):
             samples = training_samples(load_split(cfg, train_set, split="test", protocol="aaclip"), shots,
                                        seed=cfg.train_seed, write_to=output / f"train_samples_{label}.csv")
             run = fit(model, samples, stage1, stage2, checkpoint_dir=output / "checkpoints" / label,
-                      cache_root=cache_root or None, device=cfg.device, progress=True)
+                      cache_root=cache_root or None, device=cfg.device, progress=interactive_session())
             choice = choose_epoch(epoch_policy, stage2.epochs)
             checkpoint = str(load_epoch(model, run, choice.epoch))
             choice_epoch, selected_on_test = choice.epoch, choice.selected_on_test
@@ -126,7 +129,8 @@ for run_index, (train_set, test_sets) in enumerate(runs):
                                 metadata={"train_set": train_set, "regime": str(regime), "epoch": str(choice.epoch),
                                           "epoch_selected_on_test": str(choice.selected_on_test)})
             training_logs += [{"train_set": train_set, "regime": regime, **row} for row in run.log]
-            print(f"{label}: {len(samples)} training images; reporting epoch {choice.epoch} ({choice.reason})")
+            print(f"{label}: {len(samples)} training images; stage 1 {run.stage1.describe()}, stage 2 "
+                  f"{run.stage2.describe()}; reporting epoch {choice.epoch} ({choice.reason})")
         for test_set in test_sets:
             rows = evaluate(model, load_split(cfg, test_set, split="test", protocol="aaclip"), dataset=test_set,
                             domain=domain(test_set), batch_size=cfg.batch_size, device=cfg.device)

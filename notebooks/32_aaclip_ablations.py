@@ -45,6 +45,7 @@ train_shots = 4  # training images per class ("full" for the paper's protocol)
 variants = []  # names of the grid rows to run; empty: all
 runs = []  # [[auxiliary set, [test sets]], ...]; empty: [["visa", ["mvtec"]]] or synthetic
 cache_root = ""  # feature cache of stage 1; empty: .cache/features
+retrain = False  # True: train from scratch even where checkpoints exist (the runner's --force sets it)
 
 # %%
 import json
@@ -64,8 +65,8 @@ runs = runs or protocol("aaclip").runs_for(cfg.data_root, ablation=True)
 output = cfg.output / "aaclip"
 output.mkdir(parents=True, exist_ok=True)
 clip = cfg.build("aaclip").clip
-stage1 = replace(STAGE1, epochs=stage1_epochs, lr=stage1_lr, seed=cfg.train_seed)
-stage2 = replace(STAGE2, epochs=stage2_epochs, lr=stage2_lr, seed=cfg.train_seed)
+stage1 = replace(STAGE1, epochs=stage1_epochs, lr=stage1_lr, seed=cfg.train_seed, resume=not retrain)
+stage2 = replace(STAGE2, epochs=stage2_epochs, lr=stage2_lr, seed=cfg.train_seed, resume=not retrain)
 
 # %% [markdown]
 # ## The grid

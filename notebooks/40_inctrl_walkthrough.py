@@ -50,6 +50,8 @@ query_index = 0  # which anomalous test image is the query
 interactive = None  # widgets to pick the query and K; None: only in JupyterLab/VS Code, never in a batch run
 
 # %%
+import warnings
+
 import matplotlib.pyplot as plt
 import pandas as pd
 import torch
@@ -212,7 +214,11 @@ score_rows = []
 for name, detector in (("per_sample", model), ("reference", reference_model)):
     detector.fit_references(images_of(sample_references(train, queries[0].class_name, shots, seed=cfg.train_seed)))
     names = [queries[0].class_name] * len(queries)
-    batched = detector.predict(images_of(queries), names).image_scores
+    with warnings.catch_warnings(record=True) as caught:  # the reference layout warns at batch > 1, on purpose here
+        warnings.simplefilter("always")
+        batched = detector.predict(images_of(queries), names).image_scores
+    for message in dict.fromkeys(str(w.message) for w in caught):
+        print(f"{name} layout, as expected: {message}")
     single = torch.cat([detector.predict(images_of([q]), names[:1]).image_scores for q in queries])
     score_rows += [{"layout": name, "query": i, "batch 1": float(single[i]), f"batch {len(queries)}": float(batched[i]),
                     "|difference|": float((batched[i] - single[i]).abs())} for i in range(len(queries))]

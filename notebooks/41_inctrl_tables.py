@@ -60,6 +60,7 @@ vand_checkpoints = {}  # {auxiliary set: VAND projections file}; a listed set is
 checkpoints = {}  # {"<auxiliary set>/<K>": InCTRL heads (ours or an official checkpoint_N.pyth)}
 official_prompt_sets = {}  # {"<dataset>/<K>": folder of official <category>.pt prompt files}: replaces seed 0
 cache_root = ""  # feature cache of the auxiliary images; empty: .cache/features
+retrain = False  # True: train from scratch even where checkpoints exist (the runner's --force sets it)
 cache_dtype = "float32"  # paper: "float16" (ViT-B-16+: 2.4 MB per image in float32)
 
 # %%
@@ -68,7 +69,7 @@ import pandas as pd
 import torch
 
 from zsadkit.engine import draw_reference_sets, evaluate_few_shot, write_reference_sets
-from zsadkit.experiment import RunConfig, load_split
+from zsadkit.experiment import RunConfig, interactive_session, load_split
 from zsadkit.methods.inctrl import load_official_prompt_set
 from zsadkit.protocols import beside_published, paper_tables, protocol, published_dataset_name
 from zsadkit.recipes import inctrl as inctrl_recipe
@@ -129,14 +130,15 @@ for train_set, tests in runs:
             config = inctrl_recipe.InCTRLTrainingConfig(
                 shots=k, epochs=epochs, steps_per_epoch=steps_per_epoch, seed=cfg.train_seed,
                 select_epoch=select_epoch, query_in_prompts=query_in_prompts,
-                checkpoint_dir=str(output / "checkpoints" / f"{train_set}_k{k}"))
+                checkpoint_dir=str(output / "checkpoints" / f"{train_set}_k{k}"), resume=not retrain)
             result = inctrl_recipe.fit(model, auxiliary, config, cache_root=cache_root or None,
-                                       cache_dtype=cache_dtype, resize=resize, device=cfg.device, progress=True)
+                                       cache_dtype=cache_dtype, resize=resize, device=cfg.device,
+                                       progress=interactive_session())
             checkpoint = result.selected_checkpoint
             training_logs += [{"train_set": train_set, "shots": k, **row} for row in result.log]
             selections.append({"train_set": train_set, "shots": k, "epochs": epochs,
                                "selected_epoch": result.selected_epoch, "checkpoint": checkpoint})
-            print(f"{train_set}, K = {k}: trained {epochs} epochs on {len(auxiliary)} images, kept epoch "
+            print(f"{train_set}, K = {k}: {result.describe()} on {len(auxiliary)} images, kept epoch "
                   f"{result.selected_epoch}")
         else:
             selections.append({"train_set": train_set, "shots": k, "epochs": None, "selected_epoch": None,

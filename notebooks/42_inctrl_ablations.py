@@ -53,6 +53,8 @@ cache_root = ""
 cache_dtype = "float32"
 
 # %%
+import warnings
+
 import matplotlib.pyplot as plt
 import pandas as pd
 
@@ -122,14 +124,19 @@ for train_set, tests in runs:
         model.share_text_cache(first_model)  # the class embeddings are encoded once for every variant
         config = inctrl_recipe.InCTRLTrainingConfig(shots=shots, epochs=epochs, steps_per_epoch=steps_per_epoch,
                                                     seed=cfg.train_seed, select_epoch=select_epoch, **training)
-        result = inctrl_recipe.fit(model, auxiliary, config, cache_root=cache_root or None, cache_dtype=cache_dtype,
-                                   resize=resize, device=cfg.device)
-        for test_set in tests:
-            rows = inctrl_recipe.evaluate({shots: model}, data[test_set][0], prompt_sets[test_set], dataset=test_set,
-                                          batch_size=cfg.batch_size, device=cfg.device, resize=resize)
-            for (k, seed), frame in rows.items():
-                all_rows.append(tidy(frame, inctrl_cfg.provenance("inctrl", train_set=train_set, shots=k,
-                                                                  train_seed=seed)).assign(variant=variant))
+        with warnings.catch_warnings(record=True) as caught:  # the "reference batch reshape" variant warns by design
+            warnings.simplefilter("always")
+            result = inctrl_recipe.fit(model, auxiliary, config, cache_root=cache_root or None,
+                                       cache_dtype=cache_dtype, resize=resize, device=cfg.device)
+            for test_set in tests:
+                rows = inctrl_recipe.evaluate({shots: model}, data[test_set][0], prompt_sets[test_set],
+                                              dataset=test_set, batch_size=cfg.batch_size, device=cfg.device,
+                                              resize=resize)
+                for (k, seed), frame in rows.items():
+                    all_rows.append(tidy(frame, inctrl_cfg.provenance("inctrl", train_set=train_set, shots=k,
+                                                                      train_seed=seed)).assign(variant=variant))
+        for message in dict.fromkeys(str(w.message) for w in caught):
+            print(f"{variant}, as expected: {message}")
         print(f"{variant}: trained on {train_set} ({result.log[-1]['loss']:.3f} last loss), tested on {tests}")
 results = pd.concat(all_rows, ignore_index=True)
 write_results(results, output / "ablations.csv")

@@ -51,6 +51,7 @@ mad_image_metrics = []  # empty: the protocol's (AUROC, AP)
 pro = "cflow200"
 cache_root = ""  # feature caches; empty: .cache/features
 cache_dtype = "float32"  # "float16" halves the caches (ViT-L @518)
+retrain = False  # True: train from scratch even where checkpoints exist (the runner's --force sets it)
 
 # %%
 import matplotlib.pyplot as plt
@@ -88,7 +89,7 @@ for train_set, test_sets in runs:
     for method, (recipe, options) in recipes.items():
         model = cfg.build(method, clip=clip, **options)
         train_config = TrainConfig(epochs=epochs, batch_size=train_batch_size, lr=learning_rate, seed=cfg.train_seed,
-                                   checkpoint_dir=str(output / "checkpoints" / method / train_set))
+                                   checkpoint_dir=str(output / "checkpoints" / method / train_set), resume=not retrain)
         result = recipe.fit(model, train_samples, train_config, cache_root=cache_root or None, cache_dtype=cache_dtype,
                             device=cfg.device)
         checkpoint = str(model.save_prompts(output / f"{method}_{train_set}.safetensors",
@@ -100,7 +101,7 @@ for train_set, test_sets in runs:
                                    pro=pro, cache_root=cache_root or None, cache_dtype=cache_dtype)
             provenance = cfg.provenance(method, train_set=train_set, checkpoint=checkpoint, train_seed=cfg.train_seed)
             all_rows.append(tidy(rows.assign(fidelity=fidelity_of(method)), provenance))
-        print(f"{method}: trained {epochs} epoch(s) on {len(train_samples)} images of {train_set}, tested on "
+        print(f"{method}: {result.describe()} on {len(train_samples)} images of {train_set}, tested on "
               f"{', '.join(test_sets)}")
 results = pd.concat(all_rows, ignore_index=True)
 write_results(results, output / "results.csv")

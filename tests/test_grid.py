@@ -79,6 +79,21 @@ def test_serial_grid_keeps_the_grid_order_computes_each_distinct_cell_once_and_r
     assert other == [20] and count(markers, "done")[2] == 2  # another context is another key
 
 
+def test_recompute_computes_every_cell_again_and_a_source_edit_changes_the_keys(
+    markers: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import zsadkit.grid
+
+    cells, store = [{"index": 0}, {"index": 1}], tmp_path / "store"
+    run_grid(marked_cell, cells, store=store, shared={"markers": str(markers)}, progress=False)
+    assert run_grid(marked_cell, cells, store=store, shared={"markers": str(markers)}, progress=False,
+                    recompute=True) == [0, 10]
+    assert count(markers, "done") == {0: 2, 1: 2} and len(list(store.glob("*.pkl"))) == 2  # overwritten
+    monkeypatch.setattr(zsadkit.grid, "source_digest", lambda: "edited")
+    run_grid(marked_cell, cells, store=store, shared={"markers": str(markers)}, progress=False)
+    assert count(markers, "done") == {0: 3, 1: 3} and len(list(store.glob("*.pkl"))) == 4
+
+
 def test_a_cell_that_raises_is_reported_with_its_parameters_and_the_others_finish(
     markers: Path, tmp_path: Path
 ) -> None:

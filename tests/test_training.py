@@ -85,8 +85,17 @@ def test_resuming_after_an_interruption_gives_the_uninterrupted_result(tmp_path:
     result = train(fresh_process, data, mse_step(fresh_process),
                    TrainConfig(epochs=4, batch_size=6, lr=0.05, checkpoint_dir=str(tmp_path)))
     assert result.resumed_from == 2 and [row["epoch"] for row in result.log] == [1, 2, 3, 4]
+    assert result.describe() == "resumed after epoch 2 of 4, trained 2"
     for name in straight:
         assert torch.equal(fresh_process[name], straight[name])
+    data, again = regression_problem()
+    assert train(again, data, mse_step(again), TrainConfig(epochs=4, batch_size=6, lr=0.05,
+                                                           checkpoint_dir=str(tmp_path))).describe() \
+        == "all 4 epochs restored from checkpoints (nothing trained)"
+    data, scratch = regression_problem()
+    assert train(scratch, data, mse_step(scratch), TrainConfig(epochs=1, batch_size=6, lr=0.05, resume=False,
+                                                               checkpoint_dir=str(tmp_path))).describe() \
+        == "trained 1 epoch"
 
 
 def test_a_truncated_last_checkpoint_is_skipped_for_the_previous_one(tmp_path: Path) -> None:

@@ -31,9 +31,9 @@ Rules a cell function follows:
   so keep them small. The function may change a shared object only in ways the next cell undoes or overwrites
   (e.g. WinCLIP+ references, cleared after the cell).
 - `context` holds every other setting the results depend on (the run configuration, epochs, ...): the key of a
-  cell is a digest of the cell, `context`, the function's source, the torch thread count and the code version
-  (`zsadkit.results.code_commit`, as in the results' `commit` column). Uncommitted edits keep the same commit:
-  after changing code that alters results, delete the store folder.
+  cell is a digest of the cell, `context`, the function's source, the torch thread count and the package's code
+  (`zsadkit.results.source_digest`: any edit of `zsadkit/`, committed or not, makes new cells). `recompute=True`
+  (the runner's `--force`) computes every cell again and overwrites the stored ones.
 
 Storage: `store/<digest>.pkl` (pickle of the cell and its result), written to a temporary file and renamed, so
 a cell is either complete or absent. The store must be on a filesystem that the workers share with the notebook.
@@ -66,7 +66,7 @@ from pathlib import Path
 from typing import Any
 
 import zsadkit
-from zsadkit.results import code_commit
+from zsadkit.results import source_digest
 
 __all__ = ["CellFailure", "EXECUTORS", "GridError", "cell_digest", "dask_client", "local_cluster", "run_grid"]
 
@@ -170,12 +170,14 @@ def _store(path: Path, cell: Mapping[str, Any], result: Any) -> None:
         temporary.unlink(missing_ok=True)
 
 
-def _compute_cell(function: Callable, cell: dict, path: str, threads: int, shared: Mapping[str, Any]) -> _Computed:
-    """One cell, where it runs (this process or a Dask worker): read it from the store, or compute and store it."""
+def _compute_cell(function: Callable, cell: dict, path: str, threads: int, shared: Mapping[str, Any],
+                  reuse: bool = True) -> _Computed:
+    """One cell, where it runs (this process or a Dask worker): read it from the store (`reuse`), or compute and
+    store it."""
     import torch
 
     store_path = Path(path)
-    if store_path.exists():
+    if reuse and store_path.exists():
         return _Computed(_load(store_path))
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -298,6 +300,7 @@ def run_grid(
     resources: Mapping[str, float] | None = None,
     threads: int | None = None,
     progress: bool = True,
+    recompute: bool = False,
 ) -> list[Any]:
     """`function(cell, **shared)` for every cell, in the grid's order; identical cells are computed once.
 
@@ -314,6 +317,7 @@ def run_grid(
         resources: what one cell needs on a Dask worker, e.g. {"GPU": 1} (`RunConfig.cell_resources`).
         threads: torch threads per cell (default: this process's count, so every executor gives the same bits).
         progress: print a line per cell.
+        recompute: compute every cell, ignoring (and then overwriting) the stored ones.
 
     Raises:
         ValueError: an unknown executor, or a cell or context that is not JSON-serialisable.
@@ -326,7 +330,7 @@ def run_grid(
     threads = threads or torch.get_num_threads()
     grid = [_canonical(cell, f"grid cell {index}") for index, cell in enumerate(cells)]
     key = {"format": STORE_FORMAT, "context": _canonical(dict(context or {}), "the grid's context"),
-           "function": _function_identity(function), "threads": threads, "code": [zsadkit.__version__, code_commit()]}
+           "function": _function_identity(function), "threads": threads, "code": [zsadkit.__version__, source_digest()]}
     digests = [cell_digest(cell, key) for cell in grid]
     first: dict[str, int] = {}
     for index, digest in enumerate(digests):
@@ -334,7 +338,7 @@ def run_grid(
     store = Path(store)
     store.mkdir(parents=True, exist_ok=True)
     paths = {digest: store / f"{digest}.pkl" for digest in first}
-    results: dict[str, Any] = {digest: _load(paths[digest]) for digest in first if paths[digest].exists()}
+    results: dict[str, Any] = {digest: _load(paths[digest]) for digest in first if paths[digest].exists() and not recompute}
     pending = [digest for digest in first if digest not in results]
     where = "serially" if executor == "local" else f"on Dask ({scheduler or 'current client or a local cluster'})"
     if progress:
@@ -357,10 +361,11 @@ def run_grid(
 
     if pending and executor == "local":
         for digest in pending:
-            finished(digest, _compute_cell(function, grid[first[digest]], str(paths[digest]), threads, shared or {}))
+            finished(digest, _compute_cell(function, grid[first[digest]], str(paths[digest]), threads, shared or {},
+                                           reuse=not recompute))
     elif pending:
         _run_on_dask(function, {d: grid[first[d]] for d in pending}, paths, threads, shared or {}, finished,
-                     scheduler=scheduler, workers=workers, resources=resources)
+                     scheduler=scheduler, workers=workers, resources=resources, reuse=not recompute)
     ordered = [results.get(digest) for digest in digests]
     if failures:
         raise GridError(sorted(failures, key=lambda failure: failure.index), ordered)
@@ -378,6 +383,7 @@ def _run_on_dask(
     scheduler: str,
     workers: int | None,
     resources: Mapping[str, float] | None,
+    reuse: bool = True,
 ) -> None:
     """Submit every pending cell; report each as it completes (results are ordered by the caller)."""
     from distributed import as_completed
@@ -386,7 +392,7 @@ def _run_on_dask(
     with dask_client(scheduler, workers=workers, resources=needed) as client:
         scattered = {name: client.scatter(value, broadcast=True, hash=False) for name, value in shared.items()}
         run = uuid.uuid4().hex[:8]
-        futures = {client.submit(_compute_cell, function, cell, str(paths[digest]), threads, scattered,
+        futures = {client.submit(_compute_cell, function, cell, str(paths[digest]), threads, scattered, reuse,
                                  key=f"cell-{digest[:12]}-{run}", resources=needed): digest
                    for digest, cell in cells.items()}
         for future in as_completed(futures, loop=client.loop):

@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -27,6 +28,7 @@ from zsadkit.paths import PACKAGE_ROOT, PUBLISHED_DIR
 
 __all__ = [
     "code_commit",
+    "source_digest",
     "compare_with_published",
     "KEY_COLUMNS",
     "load_published",
@@ -62,6 +64,17 @@ def code_commit() -> str:
         return commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+@cache
+def source_digest() -> str:
+    """sha256 of the package's source and data files (`zsadkit/**/*.py|yaml`): changes with any edit of the code,
+    committed or not, and not with commits that leave the package alone."""
+    digest = hashlib.sha256()
+    package = Path(__file__).resolve().parent
+    for path in sorted(p for p in package.rglob("*") if p.suffix in (".py", ".yaml") and p.is_file()):
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True)

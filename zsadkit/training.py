@@ -202,6 +202,15 @@ class TrainResult:
     resumed_from: int = 0
     checkpoints: list[Path] = field(default_factory=list)
 
+    def describe(self) -> str:
+        """What this call did, e.g. "trained 3 epochs" or "resumed after epoch 2 of 3, trained 1"."""
+        epochs = len(self.log)
+        if not self.resumed_from:
+            return f"trained {epochs} epoch{'s' * (epochs != 1)}"
+        if self.resumed_from >= epochs:
+            return f"all {epochs} epochs restored from checkpoints (nothing trained)"
+        return f"resumed after epoch {self.resumed_from} of {epochs}, trained {epochs - self.resumed_from}"
+
 
 def code_digest(*modules: str) -> str:
     """sha256 of the source of `modules` and `SHARED_TRAINING_MODULES`, with the zsadkit version: what training

@@ -79,6 +79,7 @@ class InCTRLTrainingConfig:
         query_in_prompts: a normal query may be among its own prompts (reference True).
         select_epoch: the epoch whose heads are kept (maintainer: 6, issue #26); None = the last.
         checkpoint_dir: per-epoch checkpoints ("" = none); a rerun resumes from them.
+        resume: continue from the last checkpoint in `checkpoint_dir` (False: train from scratch).
     """
 
     shots: int = 2
@@ -93,6 +94,7 @@ class InCTRLTrainingConfig:
     query_in_prompts: bool = True
     select_epoch: int | None = 6
     checkpoint_dir: str = ""
+    resume: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "betas", tuple(self.betas))
@@ -115,7 +117,7 @@ class InCTRLTrainingConfig:
         """The shared trainer's settings: AdamW, constant lr, batches in the dataset's (balanced) order."""
         return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, optimizer="adamw",
                            betas=self.betas, weight_decay=self.weight_decay, seed=self.seed, shuffle=False,
-                           checkpoint_dir=self.checkpoint_dir)
+                           checkpoint_dir=self.checkpoint_dir, resume=self.resume)
 
 
 def _permutation_stream(indices: Sequence[int], seed: int, start: int, count: int) -> list[int]:
