@@ -203,7 +203,7 @@ def winclip_plus(cell: dict, winclip) -> pd.DataFrame:
                                  batch_size=cfg.batch_size, device=cfg.device, seed=few_shot_seed, pro=pro)
     finally:
         winclip.clear_references()
-    return tidy(rows, winclip_cfg.provenance("winclip+", shots=cell["shots"], train_seed=few_shot_seed))
+    return tidy(rows, winclip_cfg.provenance("winclip+", shots=cell["shots"], reference_seed=few_shot_seed))
 
 
 few_shot_rows = []

@@ -149,7 +149,8 @@ for train_set, tests in runs:
                                       batch_size=cfg.batch_size, device=cfg.device, resize=resize)
         for (k, seed), frame in rows.items():
             all_rows.append(tidy(frame, inctrl_cfg.provenance("inctrl", train_set=train_set, shots=k,
-                                                              checkpoint=sources[k], train_seed=seed)))
+                                                              checkpoint=sources[k], train_seed=cfg.train_seed,
+                                                              reference_seed=seed)))
 pd.DataFrame(training_logs).to_csv(output / "training_log.csv", index=False)
 pd.DataFrame(selections).to_csv(output / "epoch_selection.csv", index=False)
 pd.DataFrame(selections)
@@ -168,7 +169,7 @@ if "winclip+" in baselines:
                                      image_size=winclip_cfg.image_size, batch_size=cfg.batch_size, device=cfg.device,
                                      pro=None, references=references, resize=resize)
             all_rows.append(tidy(rows[rows.level == "image"], winclip_cfg.provenance("winclip+", shots=k,
-                                                                                     train_seed=seed)))
+                                                                                     reference_seed=seed)))
         print(f"winclip+: {test_set} done")
 if "vand" in baselines:
     for train_set, tests in runs:
@@ -186,7 +187,8 @@ if "vand" in baselines:
                                          image_size=cfg.image_size, batch_size=cfg.batch_size, device=cfg.device,
                                          pro=None, references=references, resize=resize)
                 all_rows.append(tidy(rows[rows.level == "image"], cfg.provenance(
-                    "vand", train_set=train_set, shots=k, checkpoint=vand_source, train_seed=seed)))
+                    "vand", train_set=train_set, shots=k, checkpoint=vand_source, train_seed=cfg.train_seed,
+                    reference_seed=seed)))
             print(f"vand few-shot: {test_set} done")
 results = pd.concat(all_rows, ignore_index=True)
 write_results(results, output / "results.csv")

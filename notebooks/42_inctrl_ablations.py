@@ -133,8 +133,9 @@ for train_set, tests in runs:
                                               dataset=test_set, batch_size=cfg.batch_size, device=cfg.device,
                                               resize=resize)
                 for (k, seed), frame in rows.items():
-                    all_rows.append(tidy(frame, inctrl_cfg.provenance("inctrl", train_set=train_set, shots=k,
-                                                                      train_seed=seed)).assign(variant=variant))
+                    all_rows.append(tidy(frame, inctrl_cfg.provenance(
+                        "inctrl", train_set=train_set, shots=k, train_seed=cfg.train_seed, reference_seed=seed))
+                        .assign(variant=variant))
         for message in dict.fromkeys(str(w.message) for w in caught):
             print(f"{variant}, as expected: {message}")
         print(f"{variant}: trained on {train_set} ({result.log[-1]['loss']:.3f} last loss), tested on {tests}")

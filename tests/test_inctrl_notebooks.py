@@ -46,7 +46,7 @@ def test_tables_notebook_writes_mean_and_std_over_seeds_beside_the_published_gri
     output = tmp_path / "inctrl" / "tables"
     results = read_results(output / "results.csv")
     assert set(RESULT_COLUMNS) <= set(results.columns)
-    assert set(results.method) == {"inctrl", "winclip+"} and set(results.train_seed) == {0, 1}
+    assert set(results.method) == {"inctrl", "winclip+"} and set(results.reference_seed) == {0, 1}
     assert set(results.level) == {"image"} and (results.weights == "random").all()
     summary = pd.read_csv(output / "summary.csv")
     mean = summary.query("method == 'inctrl' and class_name == 'mean' and metric == 'auroc'").iloc[0]

@@ -168,7 +168,7 @@ def test_evaluation_per_k_and_seed_equals_the_engine_on_the_same_prompt_sets(til
 
 def test_mean_and_std_over_seeds_per_class_and_dataset():
     frame = pd.DataFrame([dict(method="inctrl", dataset="d", class_name=c, level="image", metric="auroc", shots=2,
-                               train_seed=seed, value=v)
+                               reference_seed=seed, value=v)
                           for seed, values in enumerate([(0.8, 0.6), (0.9, 0.7), (1.0, 0.8)])
                           for c, v in zip(("a", "mean"), values, strict=True)])
     summary = recipe.mean_std_over_seeds(frame).set_index("class_name")

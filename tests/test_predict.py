@@ -309,7 +309,7 @@ def test_references_from_a_good_only_folder_with_shots_make_winclip_few_shot(tmp
     write_image(references / "bad" / "x.png", 250)  # of a from-folder layout only good/ is used
     zero_shot = predict(tmp_path / "in", method="winclip", maps="none", **TINY)
     few_shot = predict(tmp_path / "in", method="winclip", references=references, shots=2, maps="none", **TINY)
-    assert few_shot.scores["shots"].tolist() == [2] and few_shot.scores["train_seed"].tolist() == [111]
+    assert few_shot.scores["shots"].tolist() == [2] and few_shot.scores["reference_seed"].tolist() == [111]
     assert few_shot.scores["score"][0] != zero_shot.scores["score"][0]
     with pytest.raises(PredictError, match="4 shots asked, but the references of class 'in' hold 3"):
         predict(tmp_path / "in", method="winclip", references=references, shots=4, **TINY)

@@ -360,7 +360,7 @@ SEED_ROWS = pd.DataFrame(
 
 
 def test_mean_and_std_over_seeds_on_a_hand_table() -> None:
-    summary = stats.seed_summary(SEED_ROWS)
+    summary = stats.seed_summary(SEED_ROWS, ("seed",))
     # Grouped by every column but the seed and the per-run results (value, ci_low, ci_high).
     assert list(summary.columns) == [
         "method",
@@ -384,13 +384,20 @@ def test_mean_and_std_over_seeds_on_a_hand_table() -> None:
 
 
 def test_uncertainty_table_reports_seed_spread_beside_the_bootstrap_interval() -> None:
-    table = stats.uncertainty_table(SEED_ROWS).set_index("metric")
+    table = stats.uncertainty_table(SEED_ROWS, ("seed",)).set_index("metric")
     assert table.loc["auroc", "ci_low"] == pytest.approx(0.8766666666666667, abs=1e-12)
     assert table.loc["auroc", "ci_high"] == pytest.approx(0.9633333333333334, abs=1e-12)
     assert table.loc["auroc", "summary"] == "0.920 ± 0.020 (3 seeds), 95 % CI [0.877, 0.963]"
 
 
+def test_the_default_seed_columns_are_the_provenance_seeds_present() -> None:
+    rows = SEED_ROWS.rename(columns={"seed": "reference_seed"})
+    assert stats.seed_summary(rows).equals(stats.seed_summary(SEED_ROWS, ("seed",)))
+    with pytest.raises(ValueError, match="none of the seed columns"):
+        stats.seed_summary(SEED_ROWS)
+
+
 def test_repeated_seed_within_a_group_is_an_error() -> None:
     rows = pd.concat([SEED_ROWS, SEED_ROWS.iloc[:1]])
     with pytest.raises(ValueError, match="repeat a seed"):
-        stats.seed_summary(rows)
+        stats.seed_summary(rows, ("seed",))

@@ -139,12 +139,14 @@ class RunConfig:
 
     def provenance(
         self, method: str, *, train_set: str = "none", shots: int = 0, checkpoint: str = "",
-        train_seed: int | None = None,
+        train_seed: int | None = None, reference_seed: int | None = None,
     ) -> Provenance:
-        """What produced a result of `method` in this run; `train_seed` only for methods that learn or draw."""
+        """What produced a result of `method` in this run; `train_seed` only for methods that learn,
+        `reference_seed` only for few-shot rows (the seed of their reference-set draw)."""
         return Provenance(method=method, backbone=self.backbone, weights=self.weights_label,
                           image_size=self.image_size, train_set=train_set, profile=self.profile, shots=shots,
-                          backbone_seed=self.backbone_seed, train_seed=train_seed, checkpoint=str(checkpoint))
+                          backbone_seed=self.backbone_seed, train_seed=train_seed, reference_seed=reference_seed,
+                          checkpoint=str(checkpoint))
 
     def save_figure(self, fig: Any, path: str | Path, dpi: int = 120) -> Path:
         """Save a matplotlib figure with this run's banner on top when the weights are random (a smoke figure must

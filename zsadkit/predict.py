@@ -847,7 +847,8 @@ def predict(
             method=method, backbone=backbone, weights=pretrained or "random", image_size=image_size,
             train_set="unknown" if checkpoint else ("untrained" if trainable else "none"), profile="predict",
             shots=per_class_shots.get(word, per_class_shots.get(None, 0)), backbone_seed=backbone_seed,
-            train_seed=train_seed if drawn or (trainable and not checkpoint) else None, checkpoint=checkpoint))
+            train_seed=train_seed if trainable and not checkpoint else None,
+            reference_seed=train_seed if drawn else None, checkpoint=checkpoint))
         for word in words
     }
     tried, failures = _score_into(out, scorer, images, provenance, threshold, maps, progress)

@@ -45,7 +45,8 @@ __all__ = [
 
 KEY_COLUMNS = ("method", "dataset", "class_name", "level", "metric")
 PROVENANCE_COLUMNS = (
-    "backbone", "weights", "image_size", "train_set", "shots", "backbone_seed", "train_seed", "checkpoint",
+    "backbone", "weights", "image_size", "train_set", "shots", "backbone_seed", "train_seed", "reference_seed",
+    "checkpoint",
     "profile", "zsadkit_version", "commit",
 )
 RESULT_COLUMNS = (*KEY_COLUMNS, "value", "note", *PROVENANCE_COLUMNS)
@@ -83,8 +84,9 @@ class Provenance:
 
     `train_set` is the auxiliary dataset a zero-shot method was trained on ("none" for training-free methods);
     `shots` the number of normal reference images per class (0 = zero-shot); `backbone_seed` the seed of random
-    backbone weights; `train_seed` the seed of what the method learned or drew (initialisation, data order,
-    few-shot references), None (an empty cell) for methods that draw nothing.
+    backbone weights; `train_seed` the seed of what the method learned (initialisation, training data order), None
+    (an empty cell) for methods that learn nothing; `reference_seed` the seed of the draw of a few-shot method's
+    normal reference images (prompt set), None for zero-shot rows.
     """
 
     method: str
@@ -96,6 +98,7 @@ class Provenance:
     shots: int = 0
     backbone_seed: int = 0
     train_seed: int | None = None
+    reference_seed: int | None = None
     checkpoint: str = ""
     zsadkit_version: str = zsadkit.__version__
     commit: str = field(default_factory=code_commit)

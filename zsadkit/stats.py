@@ -858,6 +858,20 @@ def critical_difference_diagram(result: FriedmanResult, title: str | None = None
 PER_RUN_COLUMNS = ("value", "note", "ci_low", "ci_high")
 
 
+SEED_COLUMNS = ("train_seed", "reference_seed")  # the provenance columns of `zsadkit.results`
+
+
+def _seed_columns(rows: pd.DataFrame, seed_columns: Sequence[str] | None) -> list[str]:
+    """The given seed columns, or the provenance seed columns present in `rows`."""
+    if seed_columns is not None:
+        return list(seed_columns)
+    present = [column for column in SEED_COLUMNS if column in rows.columns]
+    if not present:
+        raise ValueError(f"rows have none of the seed columns {list(SEED_COLUMNS)}; pass seed_columns; columns: "
+                         f"{list(rows.columns)}")
+    return present
+
+
 def _group_keys(rows: pd.DataFrame, seed_columns: Sequence[str], keys: Sequence[str] | None) -> list[str]:
     missing = [column for column in seed_columns if column not in rows.columns]
     if missing:
@@ -870,7 +884,7 @@ def _group_keys(rows: pd.DataFrame, seed_columns: Sequence[str], keys: Sequence[
 
 
 def seed_summary(
-    rows: pd.DataFrame, seed_columns: Sequence[str] = ("seed",), keys: Sequence[str] | None = None
+    rows: pd.DataFrame, seed_columns: Sequence[str] | None = None, keys: Sequence[str] | None = None
 ) -> pd.DataFrame:
     """Mean and standard deviation of `value` over seeds (few-shot prompt sets, training seeds).
 
@@ -879,13 +893,15 @@ def seed_summary(
 
     Args:
         rows: tidy metric rows with a `value` column and the seed column(s).
-        seed_columns: the columns that tell the runs apart.
+        seed_columns: the columns that tell the runs apart (default: those of `train_seed`, `reference_seed`
+            present in `rows`).
         keys: the columns that identify a number (default: every column but the seed columns and the per-run
             results value, note, ci_low, ci_high); rows equal in `keys` are the seeds of one number.
 
     Returns:
         `keys`, then mean, std, n_seeds and seeds (the defined seeds, comma-separated).
     """
+    seed_columns = _seed_columns(rows, seed_columns)
     group_keys = _group_keys(rows, seed_columns, keys)
     duplicated = rows.duplicated([*group_keys, *seed_columns], keep=False)
     if duplicated.any():
@@ -912,7 +928,7 @@ def seed_summary(
 
 
 def uncertainty_table(
-    rows: pd.DataFrame, seed_columns: Sequence[str] = ("seed",), keys: Sequence[str] | None = None
+    rows: pd.DataFrame, seed_columns: Sequence[str] | None = None, keys: Sequence[str] | None = None
 ) -> pd.DataFrame:
     """Both uncertainties side by side: mean ± std over seeds, and the bootstrap interval over test images.
 

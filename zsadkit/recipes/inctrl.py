@@ -392,10 +392,12 @@ def evaluate(
     return {key: evaluator.compute() for key, evaluator in evaluators.items()}
 
 
-def mean_std_over_seeds(results: pd.DataFrame, seed_column: str = "train_seed", ddof: int = 0) -> pd.DataFrame:
-    """The paper's mean ± std over prompt seeds: one row per (method, dataset, class, level, metric, shots, ...)
-    with `value` the mean over seeds, `std` (ddof 0, numpy's; the paper's choice is not stated) and `n_seeds`.
-    Class rows and the dataset's class-mean rows ("mean") are each aggregated over seeds."""
+def mean_std_over_seeds(results: pd.DataFrame, seed_column: str = "reference_seed", ddof: int = 0) -> pd.DataFrame:
+    """The paper's mean ± std over prompt seeds (`seed_column`): one row per (method, dataset, class, level, metric,
+    shots, ...) with `value` the mean over seeds, `std` (ddof 0, numpy's; the paper's choice is not stated) and
+    `n_seeds`. Class rows and the dataset's class-mean rows ("mean") are each aggregated over seeds."""
+    if seed_column not in results.columns:
+        raise ValueError(f"mean_std_over_seeds: no {seed_column!r} column; columns: {list(results.columns)}")
     keys = [column for column in ("method", "dataset", "class_name", "level", "metric", "shots", "train_set",
                                   "backbone", "weights", "image_size", "checkpoint", "profile", "backbone_seed")
             if column in results.columns]
