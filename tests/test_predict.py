@@ -3,6 +3,7 @@ resumable, calibrated thresholds, clear errors before any image is read, equal t
 
 from __future__ import annotations
 
+import datetime
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,6 +28,7 @@ from zsadkit.predict import (
     collect_images,
     needs_references,
     predict,
+    resolve_backbone,
 )
 from zsadkit.results import PROVENANCE_COLUMNS
 
@@ -287,6 +289,8 @@ def test_bad_method_checkpoint_or_missing_references_fail_before_any_image_is_re
     anomalyclip = build_method("anomalyclip", backbone="zsad-tiny", image_size=SIZE)
     anomalyclip.save_prompts(tmp_path / "prompts.safetensors")
     save_file({"fc.0.weight": torch.zeros(8, 8)}, str(tmp_path / "other_backbone.safetensors"))
+    (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint at all")
+    torch.save({"model_state": datetime.date(2024, 1, 1)}, tmp_path / "pickled_object.pyth")  # not allow-listed
     trained = {"param/contexts": torch.zeros(1)}
     save_file(trained, str(tmp_path / "epoch_001.safetensors"), metadata={"fingerprint": json.dumps({"method": "coop"})})
     for method, checkpoint, expected in [
@@ -295,6 +299,8 @@ def test_bad_method_checkpoint_or_missing_references_fail_before_any_image_is_re
         ("vand", "other_backbone.safetensors", "does not fit method 'vand'"),
         ("anomalyclip", "epoch_001.safetensors", "a checkpoint of method 'coop', not of 'anomalyclip'"),
         ("clip", "vand.safetensors", "takes no checkpoint"),
+        ("vand", "garbage.pth", "garbage.pth: "),
+        ("inctrl", "pickled_object.pyth", "not a checkpoint of tensors that can be loaded safely"),
     ]:
         assert main([*base, "--method", method, "--checkpoint", str(tmp_path / checkpoint)]) == 2, method
         assert expected in capsys.readouterr().err, (method, checkpoint)
@@ -349,3 +355,12 @@ def test_needs_references_is_read_from_the_method_or_its_config() -> None:
     assert not needs_references(BrightnessDetector(requires=False))
     for name in ["clip", "clip-ac", "winclip", "vand", "coop", "anomalyclip"]:  # references optional or unused
         assert not needs_references(build_method(name, backbone="zsad-tiny", image_size=SIZE)), name
+
+
+def test_unset_backbone_settings_are_the_methods_paper_setting() -> None:
+    assert resolve_backbone("inctrl") == ("ViT-B-16-plus-240", "laion400m_e32", 240)
+    assert resolve_backbone("winclip") == ("ViT-B-16-plus-240", "laion400m_e31", 240)
+    assert resolve_backbone("anomalyclip") == ("ViT-L-14-336", "openai", 518)
+    assert resolve_backbone("inctrl", "zsad-tiny") == ("zsad-tiny", "", 112)
+    assert resolve_backbone("inctrl", "ViT-B-16", image_size=224) == ("ViT-B-16", "openai", 224)
+    assert resolve_backbone("vand", pretrained="~/w.pt") == ("ViT-L-14-336", "~/w.pt", 518)

@@ -29,7 +29,7 @@ from zsadkit.data.errors import DataError
 from zsadkit.data.from_folder import manifest_from_folder
 from zsadkit.data.prepare import prepare_dataset
 from zsadkit.models import PretrainedWeightsUnavailableError
-from zsadkit.predict import DEFAULT_BACKBONE, MAP_MODES, default_image_size, default_pretrained, predict
+from zsadkit.predict import MAP_MODES, predict, resolve_backbone
 
 __all__ = [
     "add_data_commands",
@@ -174,14 +174,13 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    pretrained = default_pretrained(args.backbone) if args.pretrained is None else args.pretrained
-    image_size = args.image_size or default_image_size(args.backbone)
+    backbone, pretrained, image_size = resolve_backbone(args.method, args.backbone, args.pretrained, args.image_size)
     weights = f"weights {pretrained}" if pretrained else "RANDOM weights"
-    print(f"zsadkit predict: method {args.method}, backbone {args.backbone} ({weights}), image size {image_size}, "
+    print(f"zsadkit predict: method {args.method}, backbone {backbone} ({weights}), image size {image_size}, "
           f"device {args.device}")
     try:
         result = predict(
-            args.inputs, method=args.method, out=args.out, backbone=args.backbone, pretrained=pretrained,
+            args.inputs, method=args.method, out=args.out, backbone=backbone, pretrained=pretrained,
             image_size=image_size, device=args.device, batch_size=args.batch_size, checkpoint=args.checkpoint or "",
             references=args.references, shots=args.shots, threshold=args.threshold, calibrate=args.calibrate,
             target_fpr=args.target_fpr, maps=args.maps, class_name=args.class_name, force=args.force,
@@ -211,11 +210,13 @@ def add_predict_command(subparsers: argparse._SubParsersAction) -> None:
                          help="image files, folders (searched recursively), glob patterns, or a manifest .csv/.jsonl")
     command.add_argument("--method", required=True, metavar="NAME", help="a registered method: clip, clip-ac, winclip, vand, ...")
     command.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    command.add_argument("--backbone", default=DEFAULT_BACKBONE, metavar="B",
-                         help=f"open_clip model name, or zsad-tiny (random weights, offline) (default: {DEFAULT_BACKBONE})")
-    command.add_argument("--pretrained", metavar="TAG_OR_FILE", help="open_clip tag or a local weights file (default: openai; none for "
-                         "zsad-tiny)")
-    command.add_argument("--image-size", type=int, metavar="N", help="input side in pixels (default: 518; 112 for zsad-tiny)")
+    command.add_argument("--backbone", metavar="B",
+                         help="open_clip model name, or zsad-tiny (random weights, offline) (default: the method's paper "
+                         "backbone: ViT-L-14-336; ViT-B-16-plus-240 for winclip and inctrl)")
+    command.add_argument("--pretrained", metavar="TAG_OR_FILE", help="open_clip tag or a local weights file (default: the "
+                         "method's paper weights, openai or laion400m_e31/e32; openai for another backbone; none for zsad-tiny)")
+    command.add_argument("--image-size", type=int, metavar="N", help="input side in pixels (default: the method's paper "
+                         "size, 518 or 240; 518 for another backbone; 112 for zsad-tiny)")
     command.add_argument("--device", default="cpu", metavar="D", help="torch device, e.g. cuda (default: cpu)")
     command.add_argument("--batch-size", type=int, default=8, metavar="N", help="images per forward pass (default: 8)")
     command.add_argument("--checkpoint", metavar="FILE", help="the method's trained prompts, projections, adapters or heads "

@@ -44,6 +44,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import platform
 import shutil
 import sys
@@ -72,11 +73,11 @@ from zsadkit.data.records import Sample, read_manifest
 from zsadkit.engine import sample_references
 from zsadkit.methods import Detector, build_method, registered_methods
 from zsadkit.models import BUILTIN_RANDOM_MODELS, PretrainedWeightsUnavailableError
+from zsadkit.protocols import method_backbone
 from zsadkit.results import PROVENANCE_COLUMNS, Provenance, code_commit
 
 __all__ = [
     "Calibration",
-    "DEFAULT_BACKBONE",
     "InputImage",
     "MAP_MODES",
     "MapStore",
@@ -84,14 +85,12 @@ __all__ = [
     "PredictResult",
     "choose_threshold",
     "collect_images",
-    "default_image_size",
-    "default_pretrained",
     "needs_references",
     "predict",
+    "resolve_backbone",
 ]
 
 MAP_MODES = ("overlay", "raw", "both", "none")
-DEFAULT_BACKBONE = "ViT-L-14-336"
 DEFAULT_CLASS_WORD = "object"
 MANIFEST_SUFFIXES = (".csv", ".jsonl")
 OVERLAY_MAX_SIDE = 1024
@@ -254,14 +253,24 @@ def collect_images(
 # -------------------------------------------------------------------------------------------- settings
 
 
-def default_pretrained(backbone: str) -> str:
-    """"" (random weights) for the built-in random models, else open_clip's "openai" tag."""
-    return "" if backbone in BUILTIN_RANDOM_MODELS else "openai"
-
-
-def default_image_size(backbone: str) -> int:
-    """112 for the built-in random models, else 518 (the papers' setting for ViT-L-14-336)."""
-    return 112 if backbone in BUILTIN_RANDOM_MODELS else 518
+def resolve_backbone(
+    method: str, backbone: str | None = None, pretrained: str | None = None, image_size: int | None = None
+) -> tuple[str, str, int]:
+    """(backbone, pretrained, image size) with the unset ones filled in: the method's paper backbone, tag and size
+    (`zsadkit.protocols.method_backbone`: ViT-L-14-336, openai, 518, or ViT-B-16-plus-240 with its LAION tag at
+    240 for WinCLIP and InCTRL); random weights at 112 px for the built-in random models; for another backbone the
+    "openai" tag and the default size (518)."""
+    paper_backbone, paper_pretrained, paper_size = method_backbone(method)
+    default_backbone, default_pretrained, default_size = method_backbone("default")
+    backbone = backbone or paper_backbone
+    if backbone in BUILTIN_RANDOM_MODELS:
+        defaults = ("", 112)
+    elif backbone == paper_backbone:
+        defaults = (paper_pretrained, paper_size)
+    else:
+        defaults = (default_pretrained, default_size)
+    return (backbone, defaults[0] if pretrained is None else str(pretrained),
+            defaults[1] if image_size is None else int(image_size))
 
 
 def needs_references(detector: Detector) -> bool:
@@ -323,6 +332,9 @@ def _build(method: str, settings: dict[str, Any], checkpoint: str) -> Detector:
         raise
     except TypeError as err:  # check_options: unknown method options
         raise PredictError(str(err)) from err
+    except pickle.UnpicklingError as err:  # torch.load(weights_only=True) of a file that is no plain checkpoint
+        raise PredictError(f"{checkpoint}: not a checkpoint of tensors that can be loaded safely "
+                           f"(torch.load with weights_only=True failed: {str(err).splitlines()[0]})") from err
     except (ValueError, RuntimeError, KeyError) as err:
         if not checkpoint:
             raise
@@ -719,7 +731,7 @@ def predict(
     *,
     method: str,
     out: str | Path | None = None,
-    backbone: str = DEFAULT_BACKBONE,
+    backbone: str | None = None,
     pretrained: str | None = None,
     image_size: int | None = None,
     device: str = "cpu",
@@ -744,9 +756,10 @@ def predict(
         inputs: image files, folders, glob patterns, manifests.
         method: a registered method name (`zsadkit.methods.registered_methods()`).
         out: output folder; None writes into a temporary folder that lives as long as the result.
-        backbone: open_clip model name, or "zsad-tiny" (random weights, offline).
-        pretrained: open_clip tag or a weights file; None: `default_pretrained(backbone)`.
-        image_size: input side S; None: `default_image_size(backbone)`.
+        backbone: open_clip model name, or "zsad-tiny" (random weights, offline); None: the method's paper
+            backbone (`resolve_backbone`).
+        pretrained: open_clip tag or a weights file; None: see `resolve_backbone`.
+        image_size: input side S; None: see `resolve_backbone`.
         device: torch device.
         batch_size: images per forward pass.
         checkpoint: the method's trained parameters (zsadkit's files or the official ones).
@@ -779,8 +792,7 @@ def predict(
         raise PredictError("shots needs references and must be at least 1")
     if batch_size < 1:
         raise PredictError(f"batch size must be at least 1, got {batch_size}")
-    pretrained = default_pretrained(backbone) if pretrained is None else str(pretrained)
-    image_size = default_image_size(backbone) if image_size is None else int(image_size)
+    backbone, pretrained, image_size = resolve_backbone(method, backbone, pretrained, image_size)
     checkpoint = str(Path(checkpoint).expanduser().resolve()) if checkpoint else ""
     temporary = tempfile.TemporaryDirectory(prefix="zsadkit-predict-") if out is None else None
     out = Path(temporary.name if temporary is not None else out).expanduser().resolve()

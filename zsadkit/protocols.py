@@ -25,6 +25,7 @@ __all__ = [
     "Protocol",
     "beside_published",
     "domain",
+    "method_backbone",
     "paper_tables",
     "paper_setting",
     "protocol",
@@ -102,6 +103,13 @@ def paper_setting(paper: str, key: str, default: object = None) -> object:
     """A paper-specific entry of its `protocols.yaml` section (e.g. InCTRL's "object_names", "multi_class")."""
     protocol(paper)
     return _data()["papers"][paper].get(key, default)
+
+
+def method_backbone(method: str) -> tuple[str, str, int]:
+    """(backbone, pretrained tag, image size) of `method`'s paper setting (`method_backbones:` in protocols.yaml)."""
+    table = _data()["method_backbones"]
+    backbone, pretrained, image_size = table.get(method, table["default"])
+    return str(backbone), str(pretrained), int(image_size)
 
 
 def subset(name: str) -> tuple[str, tuple[str, ...]] | None:
