@@ -203,7 +203,7 @@ def test_vand_fixture_model_loads_with_gelu_and_explicit_text_heads():
     torch.testing.assert_close(ensemble, torch.from_numpy(prompts["candle"]), rtol=1e-5, atol=1e-5)
 
 
-def test_openai_weights_get_quickgelu_whether_passed_with_a_model_name_or_not(tmp_path: Path) -> None:
+def test_openai_weights_get_quickgelu_whether_passed_with_a_model_name_or_not(tmp_path: Path, capsys) -> None:
     config_dir = tmp_path / "configs"
     config_dir.mkdir()
     tiny = json.loads((CONFIG_DIR / "zsad-tiny.json").read_text())
@@ -222,5 +222,7 @@ def test_openai_weights_get_quickgelu_whether_passed_with_a_model_name_or_not(tm
         assert torch.equal(inferred.encode_image(images), named.encode_image(images))
     other_origin = tmp_path / "other.pt"  # the same tensors without OpenAI's entries: the config's activation
     torch.save(weights, other_origin)
+    capsys.readouterr()
     assert not load_backbone("zsad-tiny-gelu", str(other_origin), image_size=64).zsad_source.quick_gelu
+    assert "(MLP activation: GELU; OpenAI-trained weights" in capsys.readouterr().out  # the load says which
     assert load_backbone("zsad-tiny-gelu", str(other_origin), image_size=64, quick_gelu=True).zsad_source.quick_gelu

@@ -149,6 +149,11 @@ def openai_release_sha256() -> frozenset[str]:
     return frozenset(digests)
 
 
+def _uses_quick_gelu(clip: torch.nn.Module) -> bool:
+    """Whether the model's MLPs use open_clip's QuickGELU."""
+    return any(type(module).__name__ == "QuickGELU" for module in clip.modules())
+
+
 def is_openai_release(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike | None = None) -> bool:
     """True for OpenAI's own weights: a state dict with the scalar entries of OpenAI's archives
     (``input_resolution``, ``context_length``, ``vocab_size``), or a file whose sha256 is a published OpenAI release.
@@ -346,7 +351,11 @@ def load_clip(
             clip = _create_open_clip(model, None, quick_gelu, cache_dir, seed, weights_follow=True)
             _load_weights(clip, weights, source)
         if checkpoint is not None:
-            print(f"zsadkit: loaded CLIP weights ({model or 'architecture inferred from the weights'}) from {source}")
+            activation = "QuickGELU" if _uses_quick_gelu(clip) else (
+                "GELU; OpenAI-trained weights saved without OpenAI's scalar entries need quick_gelu=True or the "
+                "'-quickgelu' model name")
+            print(f"zsadkit: loaded CLIP weights ({model or 'architecture inferred from the weights'}) from {source} "
+                  f"(MLP activation: {activation})")
         model_name = model or "openai-state-dict"
     else:
         if open_clip.get_model_config(model) is None:
@@ -429,7 +438,9 @@ def _create_open_clip(
                 f"(cache: {cache_dir or 'the open_clip/Hugging Face default'}). Two ways out: (1) run once with "
                 "internet access so the weights are downloaded into the cache; (2) pass a local weights file, e.g. "
                 f"load_clip(checkpoint='/path/to/ViT-L-14-336px.pt') or load_clip({model!r}, "
-                f"checkpoint='/path/to/open_clip_model.safetensors'). Cause: {error}"
+                f"checkpoint='/path/to/open_clip_model.safetensors'); from the command line, --pretrained "
+                "/path/to/weights (zsadkit predict, python -m zsadkit.reproduce) or --set winclip_pretrained=/path "
+                f"for a notebook's second backbone. Cause: {error}"
             ) from error
         finally:
             logging.disable(previous_disable)
