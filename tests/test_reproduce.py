@@ -181,6 +181,20 @@ def test_preflight_names_a_missing_weights_file_and_the_parameter_that_sets_it(t
     problems = check(needs)
     assert len(problems) == 1 and "nope.pt (parameter `winclip_pretrained`) does not exist" in problems[0].what
     assert "--set winclip_pretrained=" in problems[0].fix
+    inctrl = reproduce.needs_of(entry, "smoke", {"backbone": "zsad-tiny", "pretrained": "",  # notebook 41's shape
+                                                 "inctrl_backbone": "zsad-tiny", "inctrl_pretrained": "",
+                                                 "winclip_pretrained": str(tmp_path / "laion.pt")})
+    assert ("zsad-tiny", str(tmp_path / "laion.pt")) in inctrl.weights
+    assert "laion.pt (parameter `winclip_pretrained`) does not exist" in check(inctrl)[0].what
+
+
+def test_preflight_checks_disk_where_a_notebooks_cache_root_points(tmp_path: Path) -> None:
+    entry = reproduce.NotebookEntry("n", tmp_path / "n.ipynb", cache_gb={"smoke": 1e9})
+    needs = reproduce.needs_of(entry, "smoke", {"backbone": "zsad-tiny", "cache_root": str(tmp_path / "caches")})
+    assert needs.cache_root == tmp_path / "caches"
+    merged = reproduce._merge_needs([reproduce.needs_of(entry, "smoke", {}), needs])
+    assert merged.cache_root == tmp_path / "caches"
+    assert any(f"under {tmp_path}" in problem.what for problem in check(merged))  # the probe is the existing parent
 
 
 def test_a_changed_output_makes_the_runner_rerun_the_notebook(registry: Path, tmp_path: Path) -> None:

@@ -41,7 +41,7 @@ from typing import Any
 import yaml
 
 from zsadkit.experiment import PROFILES
-from zsadkit.paths import REGISTRY_FILE, results_dir
+from zsadkit.paths import REGISTRY_FILE, default_cache_root, results_dir
 from zsadkit.preflight import Needs, Problem, check, report
 from zsadkit.protocols import protocol
 
@@ -262,15 +262,21 @@ def needs_of(entry: NotebookEntry, profile: str, parameters: dict) -> Needs:
                  for name in (train, *tests)]
     main = (str(parameters.get("backbone", "")), str(parameters.get("pretrained", "") or ""))
     weights, parameter_names = [main], {main: "pretrained"}
-    for key, value in parameters.items():  # a second backbone, e.g. winclip_backbone + winclip_pretrained
-        if key.endswith("_backbone") and value:
-            prefix = key.removesuffix("backbone")
-            pair = (str(value), str(parameters.get(f"{prefix}pretrained", "") or main[1]))
-            weights.append(pair)
-            parameter_names.setdefault(pair, f"{prefix}pretrained")
+    backbones = {key.removesuffix("backbone"): str(value) for key, value in parameters.items()
+                 if key.endswith("_backbone") and value}
+    for prefix in sorted({*backbones, *(key.removesuffix("pretrained") for key, value in parameters.items()
+                                         if key.endswith("_pretrained") and value)}):
+        # a second backbone (winclip_backbone + winclip_pretrained); weights without a backbone of their own
+        # (notebook 41's winclip_pretrained) go on the one other backbone, else on the main one
+        backbone = backbones.get(prefix) or (next(iter(backbones.values())) if len(backbones) == 1 else "") or main[0]
+        pair = (backbone, str(parameters.get(f"{prefix}pretrained", "") or main[1]))
+        weights.append(pair)
+        parameter_names.setdefault(pair, f"{prefix}pretrained")
+    cache_root = parameters.get("cache_root")
     return Needs(data_root=data_root, datasets=tuple((name, data_protocol) for name in names),
                  weights=tuple(weights), cache_gb=float(entry.cache_gb.get(profile, 0.0)),
-                 weight_parameters=parameter_names)
+                 weight_parameters=parameter_names,
+                 **({"cache_root": Path(str(cache_root)).expanduser()} if cache_root else {}))
 
 
 def _merge_needs(all_needs: list[Needs]) -> Needs:
@@ -280,6 +286,8 @@ def _merge_needs(all_needs: list[Needs]) -> Needs:
         merged.datasets += needs.datasets
         merged.weights += needs.weights
         merged.cache_gb += needs.cache_gb
+        if needs.cache_root != default_cache_root():  # a notebook's own cache_root
+            merged.cache_root = needs.cache_root
         merged.weight_parameters = {**needs.weight_parameters, **merged.weight_parameters}
     return merged
 

@@ -32,7 +32,7 @@ __all__ = ["MosaicDataset", "VandTrainingConfig", "mosaic", "train_vand"]
 REFERENCE_MVTEC_MOSAIC_RATE = 0.2  # reference train.py `aug_rate`
 
 
-@dataclass
+@dataclass(frozen=True)
 class VandTrainingConfig:
     """Training options (reference `train.py` / `train.sh`); run by the shared trainer (`zsadkit.training.train`,
     one shuffling stream seeded once, as the reference's global RNG), with per-epoch checkpoints and resume.
@@ -60,6 +60,7 @@ class VandTrainingConfig:
     resume: bool = True
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "betas", tuple(self.betas))
         if self.mosaic_rate is not None and not 0.0 <= self.mosaic_rate <= 1.0:
             raise ValueError(f"mosaic_rate must be in [0, 1] or None, got {self.mosaic_rate}")
 
