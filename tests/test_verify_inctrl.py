@@ -42,11 +42,14 @@ def test_perturbed_arrays_other_layers_and_missing_data_fail_by_name_and_the_oth
     shutil.copytree(FIXTURE, copy, ignore=shutil.ignore_patterns("eval_bs1_query1.npz"))
     edit_npz(copy / "eval_bs2_buggy.npz", final_score=lambda value: value + 1e-4)
     edit_npz(copy / "trainfmt_eval_bs1_query1.npz", holistic_map=None)
+    # a wrong gradient whose values are all far below the old absolute 1e-3 fails at its own scale
+    edit_npz(copy / "train_step_bs2.npz", **{"grad__diff_head_ref.bn2.bias": lambda value: value * 0 + 4e-5})
     info = json.loads((copy / "run_info.json").read_text())
     (copy / "run_info.json").write_text(json.dumps({**info, "out_layers": [6, 9, 11]}))
     assert verify_inctrl.main(copy) == 1
     out = capsys.readouterr().out
     assert "FAIL  test format bs2 reference reshape: final_score" in out
+    assert "FAIL  train step bs2 (end to end): grad__diff_head_ref.bn2.bias" in out
     assert "FAIL  train format, batch 1, query 1" in out and "'holistic_map'" in out
     assert "FAIL  test format bs1 q0: query_layer_tokens" in out  # block 6 is not what the reference tapped
     assert "FAIL  eval_bs1_query1.npz" in out and "required file absent" in out
