@@ -78,7 +78,7 @@ def fit(
     """Train the prompts and head weights on auxiliary samples (`zsadkit.training.fit`; default `TrainConfig()`,
     AnomalyCLIP's schedule [unknown for HeadCLIP]). With `use_cache` the blocks before the first weighted layer
     are read from the feature cache (same values as running them)."""
-    return fit_feature_model(model, samples, config or TrainConfig(), name=NAME, use_cache=use_cache,
+    return fit_feature_model(model, samples, config or TrainConfig(), name=NAME, code=(__name__,), use_cache=use_cache,
                              cache_root=cache_root, cache_dtype=cache_dtype, device=device, progress=progress)
 
 
