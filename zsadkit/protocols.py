@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -24,6 +25,7 @@ from zsadkit.results import KEY_COLUMNS, compare_with_published, published_rows
 __all__ = [
     "Protocol",
     "beside_published",
+    "comparison_protocol",
     "domain",
     "paper_tables",
     "paper_setting",
@@ -102,6 +104,12 @@ def paper_setting(paper: str, key: str, default: object = None) -> object:
     """A paper-specific entry of its `protocols.yaml` section (e.g. InCTRL's "object_names", "multi_class")."""
     protocol(paper)
     return _data()["papers"][paper].get(key, default)
+
+
+def comparison_protocol() -> dict:
+    """A copy of the `comparison:` section of `protocols.yaml`: the runs, contenders, published sources and protocol
+    flags of the comparison of every method (parsed by `zsadkit.comparison`)."""
+    return copy.deepcopy(_data()["comparison"])
 
 
 def subset(name: str) -> tuple[str, tuple[str, ...]] | None:
