@@ -80,6 +80,7 @@ __all__ = [
     "heatmap_figure",
     "leaderboard",
     "paired_with_best",
+    "published_sources",
     "result_rows",
     "run_cell",
     "runs_for",
@@ -87,7 +88,7 @@ __all__ = [
 
 RUNNERS = ("zero_shot", "few_shot", "vand", "prompts", "aaclip", "inctrl")
 LEADERBOARD_COLUMNS = (
-    "method", "dataset", "level", "metric", "value", "ci_low", "ci_high", "seeds", "std", "rank", "n_seeds",
+    "method", "dataset", "class_name", "level", "metric", "value", "ci_low", "ci_high", "seeds", "std", "rank", "n_seeds",
     "seed_kind", "confidence", "n_resamples", "published", "diff", "published_source", "protocol_flags", "epochs",
     "note", *PROVENANCE_COLUMNS,
 )
@@ -529,7 +530,7 @@ def leaderboard(results: pd.DataFrame, contender_list: Sequence[Contender], data
     """The class-mean rows of `result_rows` averaged over seeds, ranked, beside the published values.
 
     Returns:
-        `LEADERBOARD_COLUMNS`: value (mean over seeds), ci_low/ci_high (the mean over seeds of each run's bootstrap
+        `LEADERBOARD_COLUMNS` (a results file: `class_name` is "mean"): value (mean over seeds), ci_low/ci_high (the mean over seeds of each run's bootstrap
         interval), seeds (the seeds averaged, "train/prompt" for contenders with both), std (over seeds, ddof 1),
         rank (1 = best within dataset, level, metric; ties averaged), n_seeds, seed_kind, published and diff
         (fractions, value - published; NaN without a published value), published_source, protocol_flags, epochs,
@@ -548,6 +549,7 @@ def leaderboard(results: pd.DataFrame, contender_list: Sequence[Contender], data
     ).reset_index()
     table = table.merge(distinct, on=keys, how="left")
     table["seeds"] = table["seeds"].fillna("")
+    table["class_name"] = "mean"
     table["seed_kind"] = [_seed_kind(by_name[name]) for name in table.method]
     table["rank"] = table.groupby(["dataset", "level", "metric"])["value"].rank(ascending=False, method="average")
     table = _beside_published(table, contender_list, data_protocol)
@@ -576,6 +578,23 @@ def _flag_texts(source: PublishedSource, dataset: str, row: pd.Series, method: s
         if published != "None" and published != str(row["epochs"]):
             texts.append(f"trained {row['epochs']} epoch(s) here, {published} in the published run")
     return texts
+
+
+def published_sources(contender_list: Sequence[Contender]) -> pd.DataFrame:
+    """The published tables each contender is put beside, one row per (contender, source, flag): contender,
+    paper, source, table, flag, datasets (where the flag applies, "" = every test set) and the flag's text."""
+    flags = comparison_protocol()["flags"]
+    rows = []
+    for contender in contender_list:
+        for source in contender.published:
+            for name in source.flags or ("",):
+                flag = flags.get(name, {}) if name else {}
+                if name and not flag:
+                    raise KeyError(f"protocols.yaml comparison: flag {name!r} is not defined under `flags`")
+                rows.append(dict(contender=contender.name, paper=source.paper, source=source.source or "main",
+                                 table=source.table, flag=name, datasets=",".join(flag.get("datasets", ())),
+                                 text=" ".join(str(flag.get("text", "")).split())))
+    return pd.DataFrame(rows, columns=["contender", "paper", "source", "table", "flag", "datasets", "text"])
 
 
 def _beside_published(table: pd.DataFrame, contender_list: Sequence[Contender], data_protocol: str) -> pd.DataFrame:
