@@ -92,7 +92,7 @@ def check_leaderboard(board: pd.DataFrame, labels: set[tuple[str, int]]) -> None
 
 def test_compare_notebook_runs_a_reduced_smoke_grid(tmp_path: Path) -> None:
     output = run_notebook(tmp_path, methods=["clip", "anomalyclip", "inctrl"], shots={"inctrl": [2]},
-                          image_size=64, subsample=2, epochs=1, steps_per_epoch=1, prompt_seeds=[0, 1],
+                          image_size=64, subsample=4, epochs=1, steps_per_epoch=1, prompt_seeds=[0, 1],
                           n_resamples=50, pixel_resamples=5)
     board = read_results(output / "leaderboard.csv")
     check_leaderboard(board, {("clip", 0), ("anomalyclip", 0), ("inctrl", 2)})
