@@ -11,7 +11,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from zsadkit.book import build_book, notebook_title, section_of
+from zsadkit.book import build_book, notebook_title, registered_figures, section_of
 from zsadkit.reproduce import load_registry
 
 EXECUTED = Path(__file__).resolve().parent.parent / "results" / "smoke" / "executed"
@@ -65,6 +65,11 @@ def test_the_book_has_an_index_and_pages_with_their_figures_inline(tmp_path: Pat
     assert FIGURE.search(page) and f"base64,{PNG}" in page and 'href="index.html"' in page
     assert not FIGURE.search((tmp_path / "book" / "11_x_tables.html").read_text())
     assert local_links_outside(tmp_path / "book" / "10_x_walkthrough.html", tmp_path / "book") == []
+    saved = tmp_path / "saved.png"
+    saved.write_bytes(base64.b64decode(PNG))
+    build_book(executed, tmp_path / "book", "smoke", figures={"11_x_tables": [saved, tmp_path / "absent.png"]})
+    assert FIGURE.search((tmp_path / "book" / "11_x_tables.html").read_text())  # saved, not shown: appended
+    assert len(FIGURE.findall((tmp_path / "book" / "10_x_walkthrough.html").read_text())) == 1
     with pytest.raises(FileNotFoundError, match="make reproduce"):
         build_book(tmp_path / "empty", tmp_path / "book2")
 
@@ -75,7 +80,8 @@ def test_the_smoke_book_has_a_page_per_registered_notebook_with_its_figures(tmp_
     _, entries = load_registry()
     smoke = [entry for entry in entries if "smoke" in entry.profiles]
     book = tmp_path / "book"
-    pages = {page.name: page for page in build_book(EXECUTED, book, "smoke")}
+    pages = {page.name: page for page in build_book(EXECUTED, book, "smoke",
+                                                    figures=registered_figures(EXECUTED.parent))}
     assert {entry.name for entry in smoke} <= set(pages)
     index = (book / "index.html").read_text()
     without_figures, outside = [], {}
@@ -86,7 +92,6 @@ def test_the_smoke_book_has_a_page_per_registered_notebook_with_its_figures(tmp_
             if not FIGURE.search(page.read_text(encoding="utf-8")):
                 without_figures.append(entry.name)
         outside[entry.name] = local_links_outside(page, book)
-    assert not without_figures, (f"pages without inline figures: {without_figures} (executed before figures were "
-                                 "shown in cell outputs? rerun `make reproduce FORCE=1`)")
+    assert not without_figures, f"pages without inline figures: {without_figures}"
     assert not {name: links for name, links in outside.items() if links}
     assert json.loads((book / "pages.json").read_text())

@@ -5,7 +5,9 @@
 
 One page per executed notebook (its code, text, tables and figures) and an `index.html` that lists them in
 sections (getting started, method walkthroughs, tables and ablations, comparison), each titled by the notebook's
-first heading. Open `index.html` in a browser: no server, no Jupyter.
+first heading. Figures are inline: the images a notebook shows, and, where it shows fewer than it saved (the
+registry's PNG outputs), the saved files at the end of its page. Open `index.html` in a browser: no server, no
+Jupyter.
 
 Tool: nbconvert's `HTMLExporter` (the "lab" template). It is the Jupyter project's own converter, maintained with
 the notebook format, already in the pinned environment (no new dependency), and it writes figure outputs into the
@@ -17,17 +19,18 @@ their own for what is here a list of pages and one index.
 from __future__ import annotations
 
 import argparse
+import base64
 import html
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from zsadkit.paths import results_dir
 from zsadkit.reproduce import load_registry
 
-__all__ = ["SECTIONS", "Page", "build_book", "main", "notebook_title", "section_of"]
+__all__ = ["SECTIONS", "Page", "build_book", "main", "notebook_title", "registered_figures", "section_of"]
 
 #: Index sections in order: (title, test on the notebook name).
 SECTIONS: tuple[tuple[str, str], ...] = (
@@ -72,8 +75,21 @@ def _nav(profile: str) -> str:
             f"<code>{html.escape(profile)}</code></nav>")
 
 
-def _render(path: Path, profile: str) -> tuple[str, str]:
-    """(title, HTML page) of an executed notebook."""
+_INLINE_FIGURE = re.compile(r"""<img[^>]*src=["']data:image/png;base64,""")
+
+
+def _gallery(figures: Sequence[Path]) -> str:
+    """The saved figures of a notebook as inline images (for notebooks that save figures without showing them)."""
+    images = "".join(f'<figure><img alt="{html.escape(path.name)}" style="max-width:100%" '
+                     f'src="data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()}">'
+                     f"<figcaption><code>{html.escape(path.name)}</code></figcaption></figure>"
+                     for path in figures if path.exists())
+    return f'<section style="padding:1em"><h2>Figures this notebook wrote</h2>{images}</section>' if images else ""
+
+
+def _render(path: Path, profile: str, figures: Sequence[Path] = ()) -> tuple[str, str]:
+    """(title, HTML page) of an executed notebook; its saved `figures` are appended when the page shows fewer
+    figures than it saved."""
     import nbformat
     from nbconvert import HTMLExporter
 
@@ -82,6 +98,9 @@ def _render(path: Path, profile: str) -> tuple[str, str]:
     exporter = HTMLExporter(template_name="lab", embed_images=True)
     body, _ = exporter.from_notebook_node(notebook, resources={"metadata": {"name": title}})
     body = re.sub(r"(<body[^>]*>)", lambda match: match.group(1) + _nav(profile), body, count=1)
+    saved = [figure for figure in figures if figure.exists()]
+    if len(_INLINE_FIGURE.findall(body)) < len(saved):
+        body = body.replace("</body>", _gallery(saved) + "</body>", 1)
     return title, body
 
 
@@ -99,7 +118,15 @@ def _index(pages: Sequence[Page], profile: str, note: str) -> str:
             f"<body style='font-family:sans-serif;max-width:60em;margin:2em auto'>{''.join(parts)}</body></html>")
 
 
-def build_book(executed: str | Path, out: str | Path, profile: str = "", note: str = "") -> list[Page]:
+def registered_figures(results: str | Path) -> dict[str, list[Path]]:
+    """Notebook name -> the PNG files the registry says it writes, under the profile's `results` folder."""
+    _, entries = load_registry()
+    return {entry.name: [Path(results) / output for output in entry.outputs if str(output).endswith(".png")]
+            for entry in entries}
+
+
+def build_book(executed: str | Path, out: str | Path, profile: str = "", note: str = "",
+               figures: Mapping[str, Sequence[Path]] | None = None) -> list[Page]:
     """Render every `*.ipynb` of `executed` to `out/<name>.html` and write `out/index.html`.
 
     Args:
@@ -107,6 +134,8 @@ def build_book(executed: str | Path, out: str | Path, profile: str = "", note: s
         out: the book's folder (created; its pages are overwritten).
         profile: named in the pages' header (default: the name of `executed`'s parent folder).
         note: a line on the index page (e.g. that the smoke profile's numbers come from random weights).
+        figures: notebook name -> the figure files it saved (`registered_figures`); a page that shows fewer
+            figures than its notebook saved gets them inline at its end.
 
     Returns:
         The pages, in the index's order.
@@ -123,7 +152,7 @@ def build_book(executed: str | Path, out: str | Path, profile: str = "", note: s
     out.mkdir(parents=True, exist_ok=True)
     pages = []
     for path in notebooks:
-        title, body = _render(path, profile)
+        title, body = _render(path, profile, (figures or {}).get(path.stem, ()))
         page = Page(path.stem, title, section_of(path.stem), f"{path.stem}.html")
         (out / page.file).write_text(body, encoding="utf-8")
         pages.append(page)
@@ -152,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     executed = Path(args.executed) if args.executed else root / "executed"
     out = Path(args.out) if args.out else root / "book"
     try:
-        pages = build_book(executed, out, args.profile, _profile_note(args.profile))
+        pages = build_book(executed, out, args.profile, _profile_note(args.profile), registered_figures(executed.parent))
     except FileNotFoundError as missing:
         print(missing)
         return 1
