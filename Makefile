@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.zsadkit-installed
 PROFILE ?= smoke
 
-.PHONY: install reproduce test test-all lint strip notebooks lab clean-results
+.PHONY: install reproduce book test test-all lint strip notebooks lab clean-results
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ install: $(STAMP)
 ## Regenerate results/$(PROFILE)/ by running every registered notebook with papermill (resumes; FORCE=1 reruns).
 reproduce: $(STAMP)
 	$(BIN)/python -m zsadkit.reproduce --profile $(PROFILE) $(if $(FORCE),--force,)
+
+## Render results/$(PROFILE)/executed/*.ipynb (from `make reproduce`) into a static site: results/$(PROFILE)/book/index.html.
+book: $(STAMP)
+	$(BIN)/python -m zsadkit.book --profile $(PROFILE)
 
 ## The default test suite (slow tests excluded); `make test-all` includes them.
 test: $(STAMP)

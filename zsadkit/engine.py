@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import torch
@@ -60,13 +61,16 @@ def predict(
 
 
 def score_predictions(
-    pairs: Iterable[tuple[dict, Prediction]], *, dataset: str, has_masks: bool, pro: str | None = "cflow200"
+    pairs: Iterable[tuple[dict, Prediction]], *, dataset: str, has_masks: bool, pro: str | None = "cflow200",
+    evaluator_options: Mapping[str, Any] | None = None,
 ) -> pd.DataFrame:
     """Metric rows of (batch, prediction) pairs, fed to the `Evaluator` one batch at a time.
 
     `batch` holds "class_name", "label", "mask" and, when known, "image_path" (named in metric errors).
+    `evaluator_options`: further `Evaluator` arguments, e.g. `class_hook` (a bootstrap in the same pass, as
+    `zsadkit.comparison` does) or `aupimo=True`.
     """
-    evaluator = Evaluator(dataset=dataset, pro=pro if has_masks else None)
+    evaluator = Evaluator(dataset=dataset, pro=pro if has_masks else None, **dict(evaluator_options or {}))
     for batch, prediction in pairs:
         evaluator.update(
             list(batch["class_name"]),
@@ -93,13 +97,16 @@ def evaluate(
     device: str | torch.device = "cpu",
     pro: str | None = "cflow200",
     progress: bool = False,
+    evaluator_options: Mapping[str, Any] | None = None,
 ) -> pd.DataFrame:
     """Per-class and mean metric rows (dataset, class_name, level, metric, value, note) of `detector`.
 
     Pixel metrics are computed only when the dataset has masks; image-level-only datasets give image rows.
+    `evaluator_options`: as `score_predictions`.
     """
     pairs = predict(detector, samples, image_size=image_size, batch_size=batch_size, device=device, progress=progress)
-    return score_predictions(pairs, dataset=dataset, has_masks=_has_masks(samples), pro=pro)
+    return score_predictions(pairs, dataset=dataset, has_masks=_has_masks(samples), pro=pro,
+                             evaluator_options=evaluator_options)
 
 
 @torch.no_grad()
@@ -209,13 +216,15 @@ def evaluate_few_shot(
     progress: bool = False,
     references: Mapping[str, Sequence[Sample] | torch.Tensor] | None = None,
     resize: ResizeMode = "squash",
+    evaluator_options: Mapping[str, Any] | None = None,
 ) -> pd.DataFrame:
     """Metric rows of a detector with a per-class reference memory (WinCLIP+, VAND few-shot, InCTRL).
 
     For each test class, `detector.fit_references` receives K normal training images of that class
     (`sample_references` with `seed`, or `references[class]`: samples, e.g. from `draw_reference_sets`, or an
     already preprocessed (K, 3, S, S) tensor such as an official prompt file), then the class's test images are
-    scored (references and test images brought to S × S by `resize`). Rows as `evaluate`.
+    scored (references and test images brought to S × S by `resize`). Rows as `evaluate`; `evaluator_options` as
+    `score_predictions`.
     """
 
     def reference_images(class_name: str) -> torch.Tensor:
@@ -236,4 +245,5 @@ def evaluate_few_shot(
             yield from predict(detector, class_samples, image_size=image_size, batch_size=batch_size, device=device,
                                progress=progress, resize=resize)
 
-    return score_predictions(pairs(), dataset=dataset, has_masks=_has_masks(test_samples), pro=pro)
+    return score_predictions(pairs(), dataset=dataset, has_masks=_has_masks(test_samples), pro=pro,
+                             evaluator_options=evaluator_options)

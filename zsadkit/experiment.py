@@ -32,6 +32,7 @@ Example:
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -150,7 +151,9 @@ class RunConfig:
 
     def save_figure(self, fig: Any, path: str | Path, dpi: int = 120) -> Path:
         """Save a matplotlib figure with this run's banner on top when the weights are random (a smoke figure must
-        never pass for a result), with nothing clipped (`bbox_inches="tight"`); the figure is closed."""
+        never pass for a result), with nothing clipped (`bbox_inches="tight"`); in a Jupyter kernel the figure is
+        also shown in the cell's output (so executed notebooks, and the book made of them, hold it); then it is
+        closed."""
         import matplotlib.pyplot as plt
 
         if not self.pretrained:
@@ -161,6 +164,10 @@ class RunConfig:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=dpi, bbox_inches="tight")
+        if _in_kernel():
+            from IPython.display import display
+
+            display(fig)
         plt.close(fig)
         return path
 
@@ -172,6 +179,14 @@ class RunConfig:
                 "pipeline only and say nothing about the method."
             )
         return f"[{self.profile}] backbone {self.backbone}, weights {self.pretrained}, image size {self.image_size}"
+
+
+def _in_kernel() -> bool:
+    """Whether this code runs in a Jupyter kernel (papermill's included), where a displayed figure becomes a cell
+    output; False in a plain interpreter, a terminal IPython or a test."""
+    shell_module = sys.modules.get("IPython")
+    shell = shell_module.get_ipython() if shell_module is not None else None
+    return getattr(shell, "kernel", None) is not None
 
 
 def interactive_session(requested: bool | None = None) -> bool:

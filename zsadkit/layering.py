@@ -19,7 +19,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("engine", ("zsadkit.feature_cache", "zsadkit.engine", "zsadkit.training", "zsadkit.recipes", "zsadkit.results",
                 "zsadkit.protocols", "zsadkit.grid")),
     ("experiment", ("zsadkit.experiment", "zsadkit.predict", "zsadkit.preflight", "zsadkit.reproduce",
-                    "zsadkit.verify", "zsadkit.cli", "zsadkit.book", "zsadkit.cluster")),
+                    "zsadkit.verify", "zsadkit.cli", "zsadkit.book", "zsadkit.cluster", "zsadkit.comparison")),
 )
 
 

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -24,6 +25,7 @@ from zsadkit.results import KEY_COLUMNS, compare_with_published, published_rows
 __all__ = [
     "Protocol",
     "beside_published",
+    "comparison_protocol",
     "domain",
     "method_backbone",
     "paper_tables",
@@ -110,6 +112,12 @@ def method_backbone(method: str) -> tuple[str, str, int]:
     table = _data()["method_backbones"]
     backbone, pretrained, image_size = table.get(method, table["default"])
     return str(backbone), str(pretrained), int(image_size)
+
+
+def comparison_protocol() -> dict:
+    """A copy of the `comparison:` section of `protocols.yaml`: the runs, contenders, published sources and protocol
+    flags of the comparison of every method (parsed by `zsadkit.comparison`)."""
+    return copy.deepcopy(_data()["comparison"])
 
 
 def subset(name: str) -> tuple[str, tuple[str, ...]] | None:
