@@ -46,7 +46,7 @@ def mean_rows(method: str, dataset: str, values: list[float], train_seeds: list[
         row = {column: "" for column in PROVENANCE_COLUMNS}
         row.update(method=method, dataset=dataset, class_name="mean", level="image", metric="auroc", value=value,
                    note="", ci_low=value - 0.05, ci_high=value + 0.05, confidence=0.95, n_resamples=100,
-                   shots=shots, train_seed=train_seed, prompt_seed=prompt_seed, image_size=224, backbone_seed=0,
+                   shots=shots, train_seed=train_seed, reference_seed=prompt_seed, image_size=224, backbone_seed=0,
                    train_set="visa" if train_seed is not None else "none", epochs="")
         rows.append(row)
     return pd.DataFrame(rows)

@@ -490,7 +490,8 @@ def run_cell(cell: Mapping[str, Any], *, contenders: Mapping[str, Contender], co
                 rows, image_boots, pixel_boots, seconds = _score(detector, cfg, plan, test_samples, dataset, k,
                                                                  references)
                 provenance = cfg.provenance(contender.name, train_set=cell["train_set"] if trained else "none",
-                                            shots=k, checkpoint=training.checkpoint, train_seed=seed)
+                                            shots=k, checkpoint=training.checkpoint, train_seed=seed,
+                                            reference_seed=prompt_seed)
                 evaluations.append(Evaluation(contender.name, dataset, k, seed, prompt_seed,
                                               tidy(rows, provenance).assign(epochs=training.epochs),
                                               image_boots, pixel_boots, seconds, len(test_samples)))
@@ -503,21 +504,25 @@ def run_cell(cell: Mapping[str, Any], *, contenders: Mapping[str, Contender], co
 # ---------------------------------------------------------------------------------------------- rows
 def result_rows(cells: Sequence[CellResult]) -> pd.DataFrame:
     """Every evaluation's rows (classes and class means) with its bootstrap interval: the tidy columns, then
-    ci_low, ci_high, confidence, n_resamples (NaN where a metric was not resampled), prompt_seed and epochs."""
+    ci_low, ci_high, confidence, n_resamples (NaN where a metric was not resampled) and epochs; the prompt seed is the
+    provenance's `reference_seed`."""
     frames = []
     for cell in cells:
         for evaluation in cell.evaluations:
             boots = [bootstrap_rows(b) for b in (evaluation.image_bootstrap, evaluation.pixel_bootstrap) if b]
             intervals = (pd.concat(boots, ignore_index=True)[[*ROW_KEY, *INTERVAL_COLUMNS]] if boots
                          else pd.DataFrame(columns=[*ROW_KEY, *INTERVAL_COLUMNS]))
-            frames.append(evaluation.rows.merge(intervals, on=ROW_KEY, how="left", validate="one_to_one")
-                          .assign(prompt_seed=evaluation.prompt_seed))
+            frames.append(evaluation.rows.merge(intervals, on=ROW_KEY, how="left", validate="one_to_one"))
     return pd.concat(frames, ignore_index=True)
 
 
 def _seed_label(train_seed: Any, prompt_seed: Any) -> str:
     parts = [str(int(seed)) for seed in (train_seed, prompt_seed) if seed is not None and not pd.isna(seed)]
     return "/".join(parts)
+
+
+def _distinct_seeds(values: pd.Series) -> str:
+    return ",".join(dict.fromkeys(str(int(v)) for v in values if pd.notna(v) and v != ""))
 
 
 def _seed_kind(contender: Contender) -> str:
@@ -534,17 +539,17 @@ def leaderboard(results: pd.DataFrame, contender_list: Sequence[Contender], data
         interval), seeds (the seeds averaged, "train/prompt" for contenders with both), std (over seeds, ddof 1),
         rank (1 = best within dataset, level, metric; ties averaged), n_seeds, seed_kind, published and diff
         (fractions, value - published; NaN without a published value), published_source, protocol_flags, epochs,
-        note and the provenance columns (train_seed and checkpoint list their distinct values).
+        note and the provenance columns (train_seed, reference_seed and checkpoint list their distinct values).
     """
     by_name = {contender.name: contender for contender in contender_list}
     means = results[results.class_name == "mean"].copy()
-    means["seed"] = [_seed_label(t, p) for t, p in zip(means.train_seed, means.prompt_seed, strict=True)]
+    means["seed"] = [_seed_label(t, p) for t, p in zip(means.train_seed, means.reference_seed, strict=True)]
     keys = ["method", "shots", "dataset", "level", "metric", "train_set", "backbone", "weights", "image_size",
             "backbone_seed", "profile", "zsadkit_version", "commit", "epochs"]
     table = uncertainty_table(means, seed_columns=("seed",), keys=keys).rename(columns={"mean": "value"})
     distinct = means.groupby(keys, sort=False, dropna=False).agg(
         note=("note", "first"), confidence=("confidence", "first"), n_resamples=("n_resamples", "first"),
-        train_seed=("train_seed", lambda values: ",".join(dict.fromkeys(str(int(v)) for v in values if pd.notna(v)))),
+        train_seed=("train_seed", _distinct_seeds), reference_seed=("reference_seed", _distinct_seeds),
         checkpoint=("checkpoint", lambda values: ";".join(dict.fromkeys(str(v) for v in values if v))),
     ).reset_index()
     table = table.merge(distinct, on=keys, how="left")
