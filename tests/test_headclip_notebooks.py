@@ -46,6 +46,8 @@ def test_tables_notebook_writes_mad_with_its_definition_and_gains_beside_the_cla
     assert set(RESULT_COLUMNS) <= set(results.columns)
     assert set(zip(results.method, results.fidelity, strict=True)) == {("headclip", "reconstructed"),
                                                                        ("anomalyclip", "reference")}
+    log = pd.read_csv(output / "training_log.csv")
+    assert set(zip(log.method, log.fidelity, strict=True)) == {("headclip", "reconstructed"), ("anomalyclip", "reference")}
     industrial = pd.read_csv(output / "headclip_industrial.csv")
     assert set(industrial["dataset"]) == {"synth-target"} and set(industrial["train_set"]) == {"synth-aux"}
     mad = pd.read_csv(output / "mad.csv")
