@@ -29,6 +29,7 @@ from zsadkit.recipes.aaclip import (
     epoch_order,
     evaluate,
     fit,
+    saved_epoch,
     training_samples,
 )
 from zsadkit.training import TrainResult, learning_rate
@@ -132,6 +133,21 @@ def test_the_reference_epoch_is_flagged_as_chosen_on_test_results() -> None:
     assert choose_epoch(7, 20).epoch == 7
     with pytest.raises(ValueError, match="epoch policy"):
         choose_epoch(21, 20)
+
+
+def test_the_epoch_saved_with_adapters_is_read_back_from_their_metadata(splits, tmp_path: Path) -> None:
+    model = build_aaclip("zsad-tiny", "", SIZE, backbone_seed=3, train_seed=3)
+    chosen = model.save_adapters(tmp_path / "chosen.safetensors",
+                                 metadata={"epoch": "15", "epoch_selected_on_test": "True"})
+    assert saved_epoch(chosen).epoch == 15 and saved_epoch(chosen).selected_on_test
+    assert saved_epoch(model.save_adapters(tmp_path / "plain.safetensors")) is None
+    run = fit(model, training_samples(splits[0], 1, seed=0), replace(STAGE1, epochs=0),
+              replace(STAGE2, epochs=1, batch_size=2), checkpoint_dir=tmp_path / "run", use_cache=False)
+    epoch_file = Path(run.stage2_dir) / "epoch_001.safetensors"
+    assert (saved_epoch(epoch_file).epoch, saved_epoch(epoch_file).selected_on_test) == (1, False)
+    bad = model.save_adapters(tmp_path / "bad.safetensors", metadata={"epoch": "15", "epoch_selected_on_test": "yes"})
+    with pytest.raises(ValueError, match="epoch_selected_on_test"):
+        saved_epoch(bad)
 
 
 def test_stage_two_steps_the_multistep_schedule_per_iteration() -> None:

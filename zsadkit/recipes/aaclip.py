@@ -41,6 +41,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torchvision.transforms.functional as TF
+from safetensors import safe_open
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
@@ -73,6 +74,7 @@ __all__ = [
     "evaluate",
     "fit",
     "load_epoch",
+    "saved_epoch",
     "training_samples",
 ]
 
@@ -384,6 +386,30 @@ def choose_epoch(policy: Literal["reference", "last"] | int, epochs: int) -> Epo
     if isinstance(policy, int) and 1 <= policy <= epochs:
         return EpochChoice(policy, False, f"epoch {policy}, fixed in advance")
     raise ValueError(f"epoch policy must be 'reference', 'last' or an epoch in 1..{epochs}, got {policy!r}")
+
+
+def saved_epoch(path: str | Path) -> EpochChoice | None:
+    """The epoch a ``.safetensors`` adapters file was saved at, from its metadata; None when it records none.
+
+    Reads ``epoch`` and ``epoch_selected_on_test`` ("True"/"False") of `AACLIP.save_adapters` files written with
+    them (`31_aaclip_tables` does), or ``epoch`` of a `zsadkit.training` epoch checkpoint (not chosen on test
+    results). Official ``.pth`` files and folders carry no such metadata: None.
+    """
+    path = Path(path)
+    if path.suffix != ".safetensors" or not path.is_file():
+        return None
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+    if "epoch" not in metadata:
+        return None
+    try:
+        epoch = int(metadata["epoch"])
+    except ValueError as error:
+        raise ValueError(f"{path}: metadata 'epoch' must be an integer, got {metadata['epoch']!r}") from error
+    flag = metadata.get("epoch_selected_on_test", "False")
+    if flag not in ("True", "False"):
+        raise ValueError(f"{path}: metadata 'epoch_selected_on_test' must be 'True' or 'False', got {flag!r}")
+    return EpochChoice(epoch, flag == "True", f"epoch {epoch}, saved with {path.name}")
 
 
 def load_epoch(model: AACLIP, run: TrainingRun, epoch: int) -> Path:
