@@ -3,6 +3,7 @@ augmentation, the data regimes, epoch choice and checkpoints, the fused evaluati
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import replace
 from pathlib import Path
 
@@ -32,7 +33,7 @@ from zsadkit.recipes.aaclip import (
     saved_epoch,
     training_samples,
 )
-from zsadkit.training import TrainResult, learning_rate
+from zsadkit.training import CheckpointMismatchError, TrainResult, learning_rate
 
 SIZE = 112
 
@@ -175,6 +176,19 @@ def test_stage_two_writes_a_checkpoint_per_epoch_and_resumes(splits, tmp_path: P
                           checkpoint=str(tmp_path / "run" / "stage2" / "epoch_003.safetensors"))
     for name, value in resumed.image_parameters().items():
         assert torch.equal(loaded.image_parameters()[name], value)
+
+
+@pytest.mark.parametrize("edited", ["zsadkit.recipes.aaclip", "zsadkit.methods.aaclip"])
+def test_checkpoints_of_edited_training_code_are_not_resumed(splits, tmp_path: Path, monkeypatch, edited: str) -> None:
+    samples = training_samples(splits[0], 1, seed=0)
+    stages = (replace(STAGE1, epochs=1, batch_size=4), replace(STAGE2, epochs=0))
+    model = build_aaclip("zsad-tiny", "", SIZE, backbone_seed=3, train_seed=3)
+    fit(model, samples, *stages, checkpoint_dir=tmp_path, use_cache=False)
+    real = inspect.getsource
+    monkeypatch.setattr(inspect, "getsource",
+                        lambda module: real(module) + ("# edited" if module.__name__ == edited else ""))
+    with pytest.raises(CheckpointMismatchError, match="code"):
+        fit(model, samples, replace(stages[0], epochs=2), stages[1], checkpoint_dir=tmp_path, use_cache=False)
 
 
 def test_transductive_and_per_image_evaluation_share_pixel_rows_and_differ_in_image_scores(splits) -> None:

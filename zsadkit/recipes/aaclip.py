@@ -54,7 +54,14 @@ from zsadkit.methods.aaclip import AACLIP, AACLIPScores, transductive_image_scor
 from zsadkit.metrics import Evaluator
 from zsadkit.models import module_fingerprint
 from zsadkit.paths import default_cache_root
-from zsadkit.training import TrainConfig, TrainResult, checkpoint_path, load_checkpoint, train
+from zsadkit.training import (
+    TrainConfig,
+    TrainResult,
+    checkpoint_path,
+    load_checkpoint,
+    method_code_digest,
+    train,
+)
 
 __all__ = [
     "Augmentation",
@@ -293,7 +300,8 @@ def fit(
         raise ValueError("aaclip.fit: no training samples")
     folders = [str(Path(checkpoint_dir) / stage) if checkpoint_dir else "" for stage in ("stage1", "stage2")]
     samples_key = samples_fingerprint(samples)
-    common = {"method": "aaclip", **model.fingerprint(), "samples": samples_key}
+    common = {"method": "aaclip", **model.fingerprint(), "samples": samples_key,
+              "code": method_code_digest(model, __name__)}
 
     model.train()
     epochs = Stage1Epochs(model, samples, stage1_augmentation, stage1.seed, stage1.batch_size,
