@@ -61,6 +61,28 @@ def test_stage1_from_the_feature_cache_equals_stage1_on_images(splits, tmp_path:
     assert len(list(tmp_path.glob("aaclip-stage1-e*"))) == 2
 
 
+def test_stage1_feature_draws_once_encodes_the_frozen_side_once_and_per_epoch_keeps_the_reference_numbers(
+    splits, tmp_path: Path, monkeypatch
+) -> None:
+    samples = training_samples(splits[0], 2, seed=0)  # 8 images, 2 batches of 4 per epoch
+    config = replace(STAGE1, epochs=3, batch_size=4, lr=1e-3, seed=3)
+    logs, calls = {}, {}
+    for draws in ("per_epoch", "once"):
+        model = build_aaclip("zsad-tiny", "", SIZE, backbone_seed=1, train_seed=1)
+        encoder, calls[draws] = model.stage1_features, []
+        monkeypatch.setattr(model, "stage1_features", lambda images, encoder=encoder, seen=calls[draws]:
+                            seen.append(len(images)) or encoder(images))
+        logs[draws] = [row["loss"] for row in fit(model, samples, config, replace(STAGE2, epochs=0),
+                                                  cache_root=tmp_path / draws, stage1_feature_draws=draws).log]
+    assert calls == {"per_epoch": [4, 4] * 3, "once": [4, 4]}  # encoder calls: 2 batches per cache build
+    assert len(list((tmp_path / "once").glob("aaclip-stage1-e*"))) == 1
+    assert logs["once"][0] == logs["per_epoch"][0] and logs["once"][1:] != logs["per_epoch"][1:]
+    # per_epoch is the behaviour before the option existed (measured then, same seeds and settings)
+    assert logs["per_epoch"][:2] == pytest.approx([1.1582701802253723, 0.8475782871246338], rel=1e-5)
+    with pytest.raises(ValueError, match="stage1_feature_draws"):
+        fit(model, samples, config, replace(STAGE2, epochs=0), cache_root=tmp_path, stage1_feature_draws="twice")
+
+
 def test_the_batch_mixing_cache_holds_the_features_of_the_training_batches(splits, tmp_path: Path) -> None:
     """With the reference's batch mixing an image's stage-1 features depend on its batch mates: the cache must be
     encoded from each epoch's training batches (its order, its batch size)."""
