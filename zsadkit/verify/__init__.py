@@ -8,7 +8,7 @@ tolerance, a required file is missing, or nothing was checked. `Comparison` is t
 every verify command; `Comparison.section` turns an unexpected fixture format into one FAIL line naming the part
 (and the file and key the error names) and goes on with the other parts. Every file a command reads is read inside
 a section, the settings included: a fixture the command cannot read is FAIL lines and exit status 1, never a
-traceback. `int_setting`, `ints_setting` and `float_setting` read a typed setting of a JSON file and name the
+traceback. `int_setting`, `ints_setting`, `float_setting` and `floats_setting` read a typed setting of a JSON file and name the
 file, the key and what was expected when the value has another type.
 """
 
@@ -24,7 +24,7 @@ from typing import TypeVar
 
 import numpy as np
 
-__all__ = ["Comparison", "FixtureError", "float_setting", "int_setting", "ints_setting"]
+__all__ = ["Comparison", "FixtureError", "float_setting", "floats_setting", "int_setting", "ints_setting"]
 
 Parsed = TypeVar("Parsed")
 
@@ -81,6 +81,15 @@ def ints_setting(mapping: Mapping, key: str, file: Path | str) -> tuple[int, ...
 def float_setting(mapping: Mapping, key: str, file: Path | str) -> float:
     """The number `mapping[key]` of `file` (e.g. ``"text_adapt_weight": 0.1``)."""
     return _setting(mapping, key, file, "a number", _number)
+
+
+def floats_setting(mapping: Mapping, key: str, file: Path | str) -> tuple[float, ...]:
+    """The list of numbers `mapping[key]` of `file` (e.g. ``"betas": [0.5, 0.999]``)."""
+    def parse(value: object) -> tuple[float, ...]:
+        if not isinstance(value, (list, tuple)):
+            raise TypeError(f"not a list: {value!r}")
+        return tuple(_number(item) for item in value)
+    return _setting(mapping, key, file, "a list of numbers", parse)
 
 
 @dataclass
