@@ -82,6 +82,7 @@ from zsadkit.recipes.aaclip import (
     evaluate,
     fit,
     load_epoch,
+    saved_epoch,
     training_samples,
 )
 from zsadkit.results import published_rows, tidy, write_results
@@ -112,11 +113,12 @@ for run_index, (train_set, test_sets) in enumerate(runs):
             checkpoint = str(checkpoints[train_set])
             folder = Path(checkpoint).is_dir()
             model.load_checkpoint(checkpoint, epoch=official_epoch if folder else None)
-            choice_epoch = official_epoch if folder else None
-            selected_on_test = folder and official_epoch == REFERENCE_EPOCH
+            saved = None if folder else saved_epoch(checkpoint)  # .safetensors: the epoch in its metadata
+            choice_epoch = official_epoch if folder else (saved.epoch if saved else None)
+            selected_on_test = (official_epoch == REFERENCE_EPOCH) if folder else bool(saved and saved.selected_on_test)
             print(f"{train_set}: adapters loaded from {checkpoint}"
-                  + (f" (epoch {official_epoch}{', chosen by the authors on test results' if selected_on_test else ''})"
-                     if folder else ""))
+                  + (f" (epoch {choice_epoch}{', chosen on test results' if selected_on_test else ''})"
+                     if choice_epoch is not None else " (no epoch recorded)"))
         else:
             samples = training_samples(load_split(cfg, train_set, split="test", protocol="aaclip"), shots,
                                        seed=cfg.train_seed, write_to=output / f"train_samples_{label}.csv")

@@ -82,6 +82,8 @@ GRID = [
     ("L_dis: mean of squared cosines", "paper", {"disentangle_reduction": "square_then_mean"}, "reference", None,
      None),
     ("V-V attention per image", "paper", {"vv_batch_mixing": False}, "reference", None, None),
+    ("DPAM-style V-V side stream", "paper", {"surgery_path": "dual", "vv_batch_mixing": False}, "reference", None,
+     None),
     ("last epoch (not chosen on test)", "paper", {}, "last", None, None),
     ("no disentanglement loss", "ablation", {"disentangle_weight": 0.0}, "reference", None, "+ text adapter"),
     ("raw class names", "ablation", {"class_names": "raw"}, "reference", None, None),

@@ -93,8 +93,10 @@ for train_set, test_sets in runs:
         result = recipe.fit(model, train_samples, train_config, cache_root=cache_root or None, cache_dtype=cache_dtype,
                             device=cfg.device)
         checkpoint = str(model.save_prompts(output / f"{method}_{train_set}.safetensors",
-                                            metadata={"train_set": train_set, "epochs": str(epochs)}))
-        training_logs += [{"method": method, "train_set": train_set, **row} for row in result.log]
+                                            metadata={"train_set": train_set, "epochs": str(epochs),
+                                                      "fidelity": fidelity_of(method)}))
+        training_logs += [{"method": method, "fidelity": fidelity_of(method), "train_set": train_set, **row}
+                          for row in result.log]
         for test_set in test_sets:
             test_samples = load_split(cfg, test_set, split="test")[::subsample]
             rows = recipe.evaluate(model, test_samples, dataset=test_set, batch_size=cfg.batch_size, device=cfg.device,

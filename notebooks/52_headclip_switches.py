@@ -20,7 +20,7 @@
 # |---|---|---|
 # | `lhw_parameterisation` | scalar w = α; H·softmax_h(α); 2·sigmoid(α); conditional 2·sigmoid(MLP(CLS)) | "dynamically adjust the features held by each attention head" |
 # | `lhw_placement` | Q-K residual stream; V-V (DPAM) side stream; both | "learnable head weights to the image encoder" |
-# | `lhw_layers` | all; the tapped feature layers; the last N | – |
+# | `lhw_layers` | all; the four tapped blocks (6/12/18/24 of 24); the last N | – |
 # | JAS (scoring only) | β, pool max / top-k % mean, per-class min-max, additive / multiplicative | "joint anomaly score that utilizes … pixel-level information for image-level anomaly detection" |
 #
 # `grid = "one_at_a_time"` varies one switch at a time around the defaults (scalar, both, all); `"full"` trains

@@ -108,6 +108,33 @@ def test_per_image_vv_is_softmax_of_v_v_transposed_over_the_image_tokens(clip) -
     torch.testing.assert_close(ours.layer_tokens[0], expected, atol=1e-5, rtol=1e-5)
 
 
+def test_dual_surgery_path_reads_a_vv_side_stream_beside_the_unchanged_clip_stream(clip) -> None:
+    """surgery_path="dual" (DPAM-style): level 2 is h¹ + Out(V-V(ln_1(h¹))) with no MLP; "single" (the reference)
+    keeps the MLP in the residual stream; the global embedding of stage 1 is plain CLIP's either way."""
+    images = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(5))
+    dual = AACLIP(clip, reference_config(clip, vv_batch_mixing=False, surgery_path="dual", levels=(2,)))
+    single = AACLIP(clip, reference_config(clip, vv_batch_mixing=False, levels=(2,)))
+    assert single.config.surgery_path == "single" and single.surgery_attention.path == "single"
+    visual = dual.visual
+    with torch.no_grad():
+        hidden = visual.blocks[0](visual.embed(images))
+        block = visual.blocks[1]
+        attn = block.attn
+        v = F.linear(block.ln_1(hidden), attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)[2]
+        heads, head_dim = attn.num_heads, v.shape[-1] // attn.num_heads
+        v = v.view(2, -1, heads, head_dim).transpose(1, 2)
+        merged = ((v @ v.transpose(-1, -2) / math.sqrt(head_dim)).softmax(dim=-1) @ v).transpose(1, 2)
+        side = hidden + attn.out_proj(merged.reshape(2, -1, heads * head_dim))
+        expected = F.normalize((visual.visual.ln_post(side) @ visual.visual.proj)[:, 1:], dim=-1)
+        features = {name: model.stage1_features(images) for name, model in (("dual", dual), ("single", single))}
+    torch.testing.assert_close(features["dual"]["patch_features"][:, 0], expected, atol=1e-5, rtol=1e-5)
+    assert (features["dual"]["patch_features"] - features["single"]["patch_features"]).abs().max() > 1e-2
+    torch.testing.assert_close(features["dual"]["global_embedding"], features["single"]["global_embedding"])
+    assert dual.stage1_cache_key() != single.stage1_cache_key()
+    with pytest.raises(ValueError, match="surgery_path"):
+        reference_config(clip, surgery_path="side")
+
+
 def test_disentanglement_reductions_are_the_square_of_the_mean_or_the_mean_of_squares() -> None:
     anchors = F.normalize(torch.randn(4, 2, 6, generator=torch.Generator().manual_seed(2)), dim=-1)
     cosines = (anchors[:, 0] * anchors[:, 1]).sum(-1)

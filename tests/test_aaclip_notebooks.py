@@ -7,6 +7,7 @@ from pathlib import Path
 import pandas as pd
 import papermill
 
+from zsadkit.methods.aaclip import build_aaclip
 from zsadkit.results import RESULT_COLUMNS
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
@@ -60,6 +61,14 @@ def test_tables_notebook_trains_tests_and_compares_with_the_authors_log(tmp_path
     assert list(quoted) == [95.5]
     assert (output / "data_regimes.png").stat().st_size > 10_000
     assert list(pd.read_csv(output / "data_regimes.csv")["train_regime"].astype(str)) == ["1"]
+
+    # loading saved adapters instead of training: the rows carry the epoch recorded in the file's metadata
+    saved = build_aaclip("zsad-tiny", "", 112).save_adapters(
+        tmp_path / "saved.safetensors", metadata={"epoch": "15", "epoch_selected_on_test": "True"})
+    (tmp_path / "loaded").mkdir()
+    execute("31_aaclip_tables", tmp_path / "loaded", regimes=["full"], checkpoints={"synth-aux": str(saved)})
+    loaded = pd.read_csv(tmp_path / "loaded" / "aaclip" / "industrial.csv")
+    assert set(loaded["epoch"]) == {15} and loaded["epoch_selected_on_test"].all()
 
 
 def test_ablations_notebook_runs_a_reduced_grid_with_readings_and_published_values(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@ augmentation, the data regimes, epoch choice and checkpoints, the fused evaluati
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import replace
 from pathlib import Path
 
@@ -29,9 +30,10 @@ from zsadkit.recipes.aaclip import (
     epoch_order,
     evaluate,
     fit,
+    saved_epoch,
     training_samples,
 )
-from zsadkit.training import TrainResult, learning_rate
+from zsadkit.training import CheckpointMismatchError, TrainResult, learning_rate
 
 SIZE = 112
 
@@ -57,6 +59,28 @@ def test_stage1_from_the_feature_cache_equals_stage1_on_images(splits, tmp_path:
     again = build_aaclip("zsad-tiny", "", SIZE, backbone_seed=1, train_seed=1, disentangle_weight=0.5)
     fit(again, samples, config, replace(STAGE2, epochs=0), cache_root=tmp_path)
     assert len(list(tmp_path.glob("aaclip-stage1-e*"))) == 2
+
+
+def test_stage1_feature_draws_once_encodes_the_frozen_side_once_and_per_epoch_keeps_the_reference_numbers(
+    splits, tmp_path: Path, monkeypatch
+) -> None:
+    samples = training_samples(splits[0], 2, seed=0)  # 8 images, 2 batches of 4 per epoch
+    config = replace(STAGE1, epochs=3, batch_size=4, lr=1e-3, seed=3)
+    logs, calls = {}, {}
+    for draws in ("per_epoch", "once"):
+        model = build_aaclip("zsad-tiny", "", SIZE, backbone_seed=1, train_seed=1)
+        encoder, calls[draws] = model.stage1_features, []
+        monkeypatch.setattr(model, "stage1_features", lambda images, encoder=encoder, seen=calls[draws]:
+                            seen.append(len(images)) or encoder(images))
+        logs[draws] = [row["loss"] for row in fit(model, samples, config, replace(STAGE2, epochs=0),
+                                                  cache_root=tmp_path / draws, stage1_feature_draws=draws).log]
+    assert calls == {"per_epoch": [4, 4] * 3, "once": [4, 4]}  # encoder calls: 2 batches per cache build
+    assert len(list((tmp_path / "once").glob("aaclip-stage1-e*"))) == 1
+    assert logs["once"][0] == logs["per_epoch"][0] and logs["once"][1:] != logs["per_epoch"][1:]
+    # per_epoch is the behaviour before the option existed (measured then, same seeds and settings)
+    assert logs["per_epoch"][:2] == pytest.approx([1.1582701802253723, 0.8475782871246338], rel=1e-5)
+    with pytest.raises(ValueError, match="stage1_feature_draws"):
+        fit(model, samples, config, replace(STAGE2, epochs=0), cache_root=tmp_path, stage1_feature_draws="twice")
 
 
 def test_the_batch_mixing_cache_holds_the_features_of_the_training_batches(splits, tmp_path: Path) -> None:
@@ -134,6 +158,21 @@ def test_the_reference_epoch_is_flagged_as_chosen_on_test_results() -> None:
         choose_epoch(21, 20)
 
 
+def test_the_epoch_saved_with_adapters_is_read_back_from_their_metadata(splits, tmp_path: Path) -> None:
+    model = build_aaclip("zsad-tiny", "", SIZE, backbone_seed=3, train_seed=3)
+    chosen = model.save_adapters(tmp_path / "chosen.safetensors",
+                                 metadata={"epoch": "15", "epoch_selected_on_test": "True"})
+    assert saved_epoch(chosen).epoch == 15 and saved_epoch(chosen).selected_on_test
+    assert saved_epoch(model.save_adapters(tmp_path / "plain.safetensors")) is None
+    run = fit(model, training_samples(splits[0], 1, seed=0), replace(STAGE1, epochs=0),
+              replace(STAGE2, epochs=1, batch_size=2), checkpoint_dir=tmp_path / "run", use_cache=False)
+    epoch_file = Path(run.stage2_dir) / "epoch_001.safetensors"
+    assert (saved_epoch(epoch_file).epoch, saved_epoch(epoch_file).selected_on_test) == (1, False)
+    bad = model.save_adapters(tmp_path / "bad.safetensors", metadata={"epoch": "15", "epoch_selected_on_test": "yes"})
+    with pytest.raises(ValueError, match="epoch_selected_on_test"):
+        saved_epoch(bad)
+
+
 def test_stage_two_steps_the_multistep_schedule_per_iteration() -> None:
     assert STAGE2.schedule_unit == "iteration" and STAGE2.milestones == (16000, 32000)
     assert learning_rate(STAGE2, 0, 15999) == 5e-4
@@ -159,6 +198,19 @@ def test_stage_two_writes_a_checkpoint_per_epoch_and_resumes(splits, tmp_path: P
                           checkpoint=str(tmp_path / "run" / "stage2" / "epoch_003.safetensors"))
     for name, value in resumed.image_parameters().items():
         assert torch.equal(loaded.image_parameters()[name], value)
+
+
+@pytest.mark.parametrize("edited", ["zsadkit.recipes.aaclip", "zsadkit.methods.aaclip"])
+def test_checkpoints_of_edited_training_code_are_not_resumed(splits, tmp_path: Path, monkeypatch, edited: str) -> None:
+    samples = training_samples(splits[0], 1, seed=0)
+    stages = (replace(STAGE1, epochs=1, batch_size=4), replace(STAGE2, epochs=0))
+    model = build_aaclip("zsad-tiny", "", SIZE, backbone_seed=3, train_seed=3)
+    fit(model, samples, *stages, checkpoint_dir=tmp_path, use_cache=False)
+    real = inspect.getsource
+    monkeypatch.setattr(inspect, "getsource",
+                        lambda module: real(module) + ("# edited" if module.__name__ == edited else ""))
+    with pytest.raises(CheckpointMismatchError, match="code"):
+        fit(model, samples, replace(stages[0], epochs=2), stages[1], checkpoint_dir=tmp_path, use_cache=False)
 
 
 def test_transductive_and_per_image_evaluation_share_pixel_rows_and_differ_in_image_scores(splits) -> None:
@@ -201,11 +253,15 @@ def test_the_test_set_sweep_picks_the_best_epoch_and_flags_it(splits, tmp_path: 
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_the_two_stages_improve_held_out_pixel_auroc_over_the_untrained_model(splits, seed: int) -> None:
-    """Both stages trained on the even-numbered test images of the auxiliary classes, scored on the odd-numbered
-    (held-out) ones. The blur is scaled to the tiny model's patch grid: the reference's 7×7-patch kernel is a fifth
-    of its 37×37 grid but would cover the whole 7×7 grid here (σ = 1 patch of 37 ≈ 0.2 patch of 7, i.e. no blur);
-    without augmentation and with stage-2 lr 1e-3 the two epochs learn enough on random weights."""
+def test_the_two_stages_improve_pixel_auroc_on_held_out_images_of_the_training_classes(splits, seed: int) -> None:
+    """What this shows: trained on the even-numbered test images of the auxiliary classes, AA-CLIP scores the
+    odd-numbered (held-out) images **of the same classes** better than the untrained model, for three seeds. What it
+    does not show: zero-shot transfer to unseen classes (the issue's synth-aux → synth-target), which these random
+    tiny-CLIP weights do not give reliably: with these settings, trained on all of synth-aux and scored on
+    synth-target, seed 0 drops (0.646 → 0.586 after 2 stage-2 epochs, 0.573 after 4), seeds 1 and 2 rise
+    (0.555 → 0.624, 0.453 → 0.637). Settings differ from the reference's to learn in two epochs: no augmentation,
+    stage-2 lr 1e-3, and the blur scaled to the tiny model's patch grid (the reference's 7×7-patch kernel is a fifth
+    of its 37×37 grid but would cover the whole 7×7 grid here; σ = 1 patch of 37 ≈ 0.2 patch of 7, i.e. no blur)."""
     auxiliary = splits[0]
     train = [s for class_name in sorted({s.class_name for s in auxiliary})
              for s in [s for s in auxiliary if s.class_name == class_name][0::2]]

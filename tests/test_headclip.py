@@ -7,6 +7,7 @@ import itertools
 import math
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -64,15 +65,12 @@ def test_identity_head_weights_give_anomalyclip_features_and_maps(clip, images, 
         text = model.frozen_text_for_images(["x", "x"])
         parts = model.score_parts(ours, text)
         prediction, expected = model.predict(images, ["x", "x"]), anomalyclip.predict(images, ["x", "x"])
-    # Weighted layers run the per-head attention path; where AnomalyCLIP runs torch's fused attention instead
-    # (layer 1 without DPAM), float32 rounding differs by a few ulp of the features (|f| up to ~5).
-    for mine, reference in ((ours.global_embedding, theirs.global_embedding), (ours.layer_tokens, theirs.layer_tokens)):
-        assert (mine - reference).abs().max() <= 1e-6 * reference.abs().max()
-        unit = (mine / mine.norm(dim=-1, keepdim=True)) - (reference / reference.norm(dim=-1, keepdim=True))
-        assert unit.abs().max() <= 1e-6
-    assert (parts.maps - expected.anomaly_maps).abs().max() <= 1e-6
-    assert (prediction.anomaly_maps - expected.anomaly_maps).abs().max() <= 1e-6
-    assert (prediction.image_scores - expected.image_scores).abs().max() <= 1e-6  # β = 1: AnomalyCLIP's score
+    # Exact: a weighted block adds Out(w·heads) − Out(heads) = 0 to the block's own attention (bit for bit).
+    assert torch.equal(ours.global_embedding, theirs.global_embedding)
+    assert torch.equal(ours.layer_tokens, theirs.layer_tokens)
+    assert torch.equal(parts.maps, expected.anomaly_maps)
+    assert torch.equal(prediction.anomaly_maps, expected.anomaly_maps)
+    assert torch.equal(prediction.image_scores, expected.image_scores)  # β = 1: AnomalyCLIP's score
 
 
 @pytest.mark.parametrize("parameterisation", PARAMETERISATIONS)
@@ -145,13 +143,29 @@ def test_weighted_layers_per_choice_and_path(clip) -> None:
         return weighted_layers(reference_config(clip, **overrides), 4)
 
     assert layers() == {"qk": (1, 2, 3, 4), "vv": (2, 3, 4)}  # the side stream starts at layer 2
-    assert layers(lhw_layers="tapped", feature_layers=(2, 4)) == {"qk": (2, 4), "vv": (2, 4)}
+    assert layers(lhw_layers="tapped") == {"qk": (1, 2, 3, 4), "vv": (2, 3, 4)}  # the four taps of 4 blocks
+    assert layers(lhw_layers="tapped", lhw_tapped_layers=(2, 4)) == {"qk": (2, 4), "vv": (2, 4)}
+    assert layers(lhw_layers="tapped", feature_layers=(3,)) == layers(lhw_layers="tapped")  # not feature_layers
     assert layers(lhw_layers="last", lhw_last_n=3, lhw_placement="qk") == {"qk": (2, 3, 4)}
     assert layers(lhw_layers=(1, 3), lhw_placement="vv") == {"vv": (3,)}
     with pytest.raises(ValueError, match=r"no layer on the \['vv'\] path"):
         layers(lhw_layers=(1,), lhw_placement="vv")
     with pytest.raises(ValueError, match=r"lhw_layers \[7\] outside the 4 vision layers"):
         layers(lhw_layers=(7,))
+
+
+@pytest.mark.parametrize(("vision_blocks", "tapped"), [(24, (6, 12, 18, 24)), (12, (3, 6, 9, 12))])
+def test_tapped_head_weight_layers_are_the_backbones_four_tapped_blocks_not_the_feature_layer(
+    vision_blocks: int, tapped: tuple[int, ...]
+) -> None:
+    depth_only = SimpleNamespace(visual=SimpleNamespace(transformer=SimpleNamespace(resblocks=[None] * vision_blocks)),
+                                 transformer=SimpleNamespace(resblocks=[None] * 12))
+    config = reference_config(depth_only, lhw_layers="tapped")
+    assert config.feature_layers == (vision_blocks,) and config.lhw_tapped_layers == tapped
+    dpam = config.dpam_first_layer
+    assert weighted_layers(config, vision_blocks) == {"qk": tapped, "vv": tuple(t for t in tapped if t >= dpam)}
+    with pytest.raises(ValueError, match="lhw_tapped_layers"):
+        weighted_layers(HeadCLIPConfig(lhw_layers="tapped"), vision_blocks)
 
 
 def test_cached_rows_hold_the_frozen_blocks_before_the_first_weighted_layer(clip, images) -> None:

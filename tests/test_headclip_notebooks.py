@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 import papermill
 
+from zsadkit.reproduce import declared_parameters, load_registry, notebook_parameters
 from zsadkit.results import RESULT_COLUMNS
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
@@ -46,6 +47,8 @@ def test_tables_notebook_writes_mad_with_its_definition_and_gains_beside_the_cla
     assert set(RESULT_COLUMNS) <= set(results.columns)
     assert set(zip(results.method, results.fidelity, strict=True)) == {("headclip", "reconstructed"),
                                                                        ("anomalyclip", "reference")}
+    log = pd.read_csv(output / "training_log.csv")
+    assert set(zip(log.method, log.fidelity, strict=True)) == {("headclip", "reconstructed"), ("anomalyclip", "reference")}
     industrial = pd.read_csv(output / "headclip_industrial.csv")
     assert set(industrial["dataset"]) == {"synth-target"} and set(industrial["train_set"]) == {"synth-aux"}
     mad = pd.read_csv(output / "mad.csv")
@@ -75,3 +78,12 @@ def test_switches_notebook_runs_a_reduced_grid_with_every_jas_setting(tmp_path: 
     mad = pd.read_csv(output / "switches_mad.csv")
     assert mad["metrics"].str.len().gt(0).all()
     assert (output / "switches.png").stat().st_size > 10_000
+
+
+def test_switches_notebook_runs_the_full_grid_in_the_paper_profile_and_one_at_a_time_in_smoke(tmp_path: Path) -> None:
+    defaults, entries = load_registry()
+    entry = next(entry for entry in entries if entry.name == "52_headclip_switches")
+    assert "grid" in declared_parameters(entry)
+    grids = {profile: notebook_parameters(entry, defaults, profile, tmp_path, {}).get("grid", "one_at_a_time")
+             for profile in ("smoke", "paper")}
+    assert grids == {"smoke": "one_at_a_time", "paper": "full"}

@@ -3,6 +3,7 @@ few-shot protocol (prompt sets, per-(K, seed) evaluation, mean ± std) and the p
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from zsadkit.methods.inctrl import build_inctrl
 from zsadkit.models import load_clip
 from zsadkit.recipes import inctrl as recipe
 from zsadkit.recipes.inctrl import EpisodeDataset, InCTRLTrainingConfig
+from zsadkit.training import CheckpointMismatchError
 
 SIZE = 64
 PALETTES = {"warm": ((200, 40, 40), (240, 160, 40), (240, 240, 60), (120, 40, 20)),
@@ -144,6 +146,19 @@ def test_cached_and_uncached_training_agree_and_checkpoints_keep_the_selected_ep
         assert torch.equal(resumed.head_state()[name], value), name
     with pytest.raises(ValueError, match="select_epoch"):
         InCTRLTrainingConfig(epochs=2, select_epoch=6)
+
+
+def test_checkpoints_of_edited_training_code_are_not_resumed(tiles, clip, tmp_path, monkeypatch):
+    config = InCTRLTrainingConfig(shots=2, epochs=1, steps_per_epoch=2, normal_per_batch=2, anomalous_per_batch=2,
+                                  select_epoch=None, checkpoint_dir=str(tmp_path / "checkpoints"))
+    recipe.fit(build_inctrl(image_size=SIZE, clip=clip, train_seed=0), tiles["fit"], config, use_cache=False,
+               resize="squash")
+    real = inspect.getsource
+    monkeypatch.setattr(inspect, "getsource",
+                        lambda module: real(module) + ("# edited" if module.__name__ == "zsadkit.recipes.inctrl" else ""))
+    with pytest.raises(CheckpointMismatchError, match="code"):
+        recipe.fit(build_inctrl(image_size=SIZE, clip=clip, train_seed=0), tiles["fit"],
+                   InCTRLTrainingConfig(**{**config.__dict__, "epochs": 2}), use_cache=False, resize="squash")
 
 
 def test_evaluation_per_k_and_seed_equals_the_engine_on_the_same_prompt_sets(tiles, clip, tmp_path):

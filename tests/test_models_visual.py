@@ -66,9 +66,11 @@ def test_single_path_qk_variant_and_unit_head_weights_leave_clip_unchanged(encod
         plain = encoder(images, [2, 4], tokens="raw")
         single_qk = encoder(images, [2, 4], tokens="raw", attention=AttentionVariant(("qk",), 1, path="single"))
         unit = encoder(images, [2, 4], tokens="raw", head_weights={layer: torch.ones(2) for layer in (1, 2, 3, 4)})
-    for other in (single_qk, unit):
-        torch.testing.assert_close(torch.stack(other.layer_tokens), torch.stack(plain.layer_tokens), **TOL)
-        torch.testing.assert_close(other.global_embedding, plain.global_embedding, **TOL)
+    torch.testing.assert_close(torch.stack(single_qk.layer_tokens), torch.stack(plain.layer_tokens), **TOL)
+    torch.testing.assert_close(single_qk.global_embedding, plain.global_embedding, **TOL)
+    # Unit head weights are exact: the block's own attention plus a correction that is exactly zero.
+    assert torch.equal(torch.stack(unit.layer_tokens), torch.stack(plain.layer_tokens))
+    assert torch.equal(unit.global_embedding, plain.global_embedding)
 
 
 def test_mode_ensemble_side_stream_is_the_mean_of_the_single_mode_streams(encoder, images):

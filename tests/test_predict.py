@@ -270,6 +270,22 @@ def test_every_registered_method_predicts_offline_on_the_tiny_backbone(tmp_path:
     assert hasattr(detector, "trainable_parameters") == any("untrained" in note for note in result.notes)
 
 
+def test_headclip_scores_and_run_json_say_the_method_is_a_reconstruction_and_verified_methods_say_nothing(
+    tmp_path: Path,
+) -> None:
+    write_image(tmp_path / "in" / "a.png", 100)
+    for method, expected in (("headclip", "reconstructed"), ("clip", None)):
+        out = tmp_path / method
+        result = predict(tmp_path / "in", method=method, maps="none", out=out, **TINY)
+        run = json.loads((out / "run.json").read_text())
+        scores = pd.read_csv(out / "scores.csv", keep_default_na=False)
+        assert run.get("fidelity") == expected
+        if expected is None:
+            assert "fidelity" not in scores.columns
+        else:
+            assert scores["fidelity"].tolist() == [expected] == result.scores["fidelity"].tolist()
+
+
 def test_bad_method_checkpoint_or_missing_references_fail_before_any_image_is_read(
     tmp_path: Path, brightness: str, image_reads: list[str], capsys
 ) -> None:

@@ -122,7 +122,22 @@ def test_a_missing_fixture_file_is_an_error_naming_it(tmp_path: Path, capsys) ->
     (copy / "stage2_train.npz").unlink()
     assert verify_aaclip.main(copy) == 1
     out = capsys.readouterr().out
-    assert "ERROR" in out and "stage2_train.npz" in out
+    assert "FAIL  fixture" in out and "stage2_train.npz" in out
+
+
+@pytest.mark.parametrize(("edit", "named"), [
+    ({"text_heads": [2]}, "'text_heads' must be an integer, got list [2]"),
+    ({"surgery_block_indices_1based": [6.5]}, "'surgery_block_indices_1based' must be a list of integers"),
+    ({"image_adapt_weight": "0.1"}, "'image_adapt_weight' must be a number, got str '0.1'"),
+])
+def test_a_malformed_run_info_value_is_one_fail_line_naming_the_key(tmp_path: Path, edit: dict, named: str) -> None:
+    copy = _copy(tmp_path, edit)
+    result = subprocess.run([sys.executable, "-m", "zsadkit.verify", "aaclip", str(copy)], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stdout + result.stderr
+    fails = [line for line in result.stdout.splitlines() if line.startswith("FAIL")]
+    assert len(fails) == 1 and fails[0].startswith("FAIL  fixture") and named in fails[0], result.stdout
 
 
 def test_a_missing_run_info_key_is_named(tmp_path: Path, capsys) -> None:

@@ -47,8 +47,22 @@ def test_verify_fails_and_names_the_array_when_a_reference_value_is_changed(tmp_
 
 def test_verify_reports_missing_fixture_files(tmp_path: Path) -> None:
     result = run_verify(tmp_path)
-    assert result.returncode != 0
-    assert "state_dict.npz" in result.stderr and "missing" in result.stderr
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    fails = [line for line in result.stdout.splitlines() if line.startswith("FAIL")]
+    assert len(fails) == 1 and "state_dict.npz" in fails[0] and "missing" in fails[0]
+
+
+def test_a_malformed_config_value_is_one_fail_line_naming_the_key(tmp_path: Path) -> None:
+    for name in ("state_dict.npz", "prompt_learner_init.npz", "inputs.npz"):
+        shutil.copy(FIXTURES / name, tmp_path / name)
+    info = json.loads((FIXTURES / "run_info.json").read_text())
+    info["cfg"]["n_ctx"] = [12]
+    (tmp_path / "run_info.json").write_text(json.dumps(info))
+    result = run_verify(tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stdout + result.stderr
+    fails = [line for line in result.stdout.splitlines() if line.startswith("FAIL")]
+    assert len(fails) == 1 and fails[0].startswith("FAIL  fixture"), result.stdout
+    assert "run_info.json cfg: 'n_ctx' must be an integer, got list [12]" in fails[0]
 
 
 def test_verify_fails_naming_every_missing_reference_file(tmp_path: Path) -> None:

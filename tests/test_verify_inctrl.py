@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from zsadkit.verify import inctrl as verify_inctrl
 
@@ -59,12 +60,26 @@ def test_perturbed_arrays_other_layers_and_missing_data_fail_by_name_and_the_oth
 def test_missing_files_are_an_error_and_a_nonzero_exit(tmp_path, capsys):
     assert verify_inctrl.main(tmp_path) == 1
     out = capsys.readouterr().out
-    assert "ERROR" in out and "clip_state_dict.npz" in out and "inputs.npz" in out
+    assert "FAIL  fixture" in out and "clip_state_dict.npz" in out and "inputs.npz" in out
     copy = tmp_path / "inctrl"
     shutil.copytree(FIXTURE, copy, ignore=shutil.ignore_patterns("inctrl_state_dict_init.npz"))
     assert verify_inctrl.main(copy) == 1
     out = capsys.readouterr().out
-    assert "missing ['inctrl_state_dict_init.npz']" in out and "not run" in out
+    assert "missing ['inctrl_state_dict_init.npz']" in out and "within tolerance" not in out
+
+
+@pytest.mark.parametrize(("edit", "named"), [({"vision_heads": [2]}, "'vision_heads' must be an integer, got list"),
+                                             ({"train_types": [1, 2]}, "'train_types' must be an object type")])
+def test_a_malformed_run_info_value_is_one_fail_line_naming_the_key(tmp_path, edit, named):
+    copy = tmp_path / "inctrl"
+    shutil.copytree(FIXTURE, copy)
+    info = json.loads((copy / "run_info.json").read_text())
+    (copy / "run_info.json").write_text(json.dumps({**info, **edit}))
+    result = subprocess.run([sys.executable, "-m", "zsadkit.verify", "inctrl", str(copy)], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stdout + result.stderr
+    fails = [line for line in result.stdout.splitlines() if line.startswith("FAIL")]
+    assert len(fails) == 1 and fails[0].startswith("FAIL  fixture") and named in fails[0], result.stdout
 
 
 def test_settings_are_read_from_the_fixture_directory(tmp_path):

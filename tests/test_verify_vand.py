@@ -37,7 +37,7 @@ def _copy_fixture(tmp_path: Path, run_info_edits: dict) -> Path:
 def test_missing_fixture_files_are_an_error_line_and_a_nonzero_exit(tmp_path, capsys):
     assert verify_vand.main(tmp_path) == 1
     out = capsys.readouterr().out
-    assert "ERROR" in out and "state_dict.npz" in out and "run_info.json" in out and "checks passed" not in out
+    assert "FAIL  fixture" in out and "state_dict.npz" in out and "run_info.json" in out and "within tolerance" not in out
 
 
 def test_one_missing_fixture_file_fails_instead_of_being_skipped(tmp_path, capsys):
@@ -56,6 +56,19 @@ def test_a_missing_required_run_info_key_is_named(tmp_path, capsys):
     (copy / "run_info.json").write_text(json.dumps(info))
     assert verify_vand.main(copy) == 1
     assert "run_info.json: missing key 'act_layer'" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("edit", "named"), [({"text_heads": [2]}, "'text_heads' must be an integer, got list [2]"),
+                                             ({"features_list": 24}, "'features_list' must be a list of integers"),
+                                             ({"vision_heads": "two"}, "'vision_heads' must be an integer")])
+def test_a_malformed_run_info_value_is_one_fail_line_naming_the_key(tmp_path, edit, named):
+    copy = _copy_fixture(tmp_path, edit)
+    result = subprocess.run([sys.executable, "-m", "zsadkit.verify", "vand", str(copy)], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stdout + result.stderr
+    fails = [line for line in result.stdout.splitlines() if line.startswith("FAIL")]
+    assert len(fails) == 1 and fails[0].startswith("FAIL  fixture") and named in fails[0], result.stdout
 
 
 def test_settings_are_read_from_the_fixture_directory(tmp_path):

@@ -28,9 +28,10 @@ threshold, or with `target_fpr` F the lowest threshold whose false-positive rate
 alone is enough then). The threshold is a calibration score: the highest one still called normal.
 
 Outputs in `out`: `scores.csv` (path, class word, score, decision and threshold when set, map files, method and
-`zsadkit.results.PROVENANCE_COLUMNS`), `maps/<input path>.png` (overlay at the image's size, longer side at most
+`zsadkit.results.PROVENANCE_COLUMNS`, and `fidelity` when the method declares one, e.g. HeadCLIP's
+"reconstructed"), `maps/<input path>.png` (overlay at the image's size, longer side at most
 1024 px, colours scaled per image) and/or `.npy` (raw S×S float16 map), `errors.csv` (unreadable inputs and why),
-`run.json` (settings, versions, checkpoint digest), `calibration.json` and `calibration_scores.csv`. Rows are
+`run.json` (settings, versions, checkpoint digest, the method's `fidelity` when declared), `calibration.json` and `calibration_scores.csv`. Rows are
 appended batch by batch, so an interrupted run resumes: images already in scores.csv are not scored again. The
 settings that change scores, maps or decisions (not `device`, `batch_size`, `progress`) must equal those of
 run.json, else `force=True` starts the folder afresh.
@@ -85,6 +86,7 @@ __all__ = [
     "PredictResult",
     "choose_threshold",
     "collect_images",
+    "method_fidelity",
     "needs_references",
     "predict",
     "resolve_backbone",
@@ -674,8 +676,16 @@ def _drop_partial_line(path: Path) -> None:
         path.write_bytes(data[: data.rfind(b"\n") + 1])
 
 
+def method_fidelity(detector: Detector) -> str | None:
+    """What a method's outputs claim to be, from its ``fidelity`` attribute (HeadCLIP: "reconstructed", a reading
+    of its abstract); None when the method declares none."""
+    fidelity = getattr(detector, "fidelity", None)
+    return None if fidelity is None else str(fidelity)
+
+
 def _score_into(out: Path, scorer: _Scorer, images: list[InputImage], provenance: dict[str, dict],
-                threshold: float | None, maps: str, progress: bool) -> tuple[int, list[tuple[str, str]]]:
+                threshold: float | None, maps: str, progress: bool,
+                fidelity: str | None = None) -> tuple[int, list[tuple[str, str]]]:
     """Score the images not yet in out/scores.csv, appending their rows and writing their maps batch by batch.
 
     Returns:
@@ -683,15 +693,21 @@ def _score_into(out: Path, scorer: _Scorer, images: list[InputImage], provenance
     """
     columns = ["path", "class_name", "score", *(["decision", "threshold"] if threshold is not None else []),
                *(["overlay"] if maps in ("overlay", "both") else []), *(["raw_map"] if maps in ("raw", "both") else []),
-               "method", *PROVENANCE_COLUMNS]
+               "method", *(["fidelity"] if fidelity is not None else []), *PROVENANCE_COLUMNS]
     scores_file = out / "scores.csv"
     done: set[str] = set()
     if scores_file.is_file():
         _drop_partial_line(scores_file)
-        done = set(pd.read_csv(scores_file, usecols=["path"], dtype=str, keep_default_na=False)["path"])
+        with scores_file.open(newline="") as handle:
+            header = next(csv.reader(handle), [])
+        if header and header != columns:
+            raise PredictError(f"{scores_file} has columns {header}, this run writes {columns} (a run of another "
+                               "zsadkit version); use another --out folder, or --force to replace it")
+        if header:
+            done = set(pd.read_csv(scores_file, usecols=["path"], dtype=str, keep_default_na=False)["path"])
     todo = [image for image in images if str(image.path) not in done]
     failures: list[tuple[str, str]] = []
-    new_file = not scores_file.is_file()
+    new_file = not scores_file.is_file() or scores_file.stat().st_size == 0
     with scores_file.open("a", newline="") as handle:
         writer = csv.writer(handle)
         if new_file:
@@ -701,7 +717,7 @@ def _score_into(out: Path, scorer: _Scorer, images: list[InputImage], provenance
             for position, index in enumerate(indices):
                 image, score = todo[index], float(batch_scores[position])
                 row = {"path": str(image.path), "class_name": image.class_name, "score": repr(score),
-                       **provenance[image.class_name]}
+                       "fidelity": fidelity, **provenance[image.class_name]}
                 if threshold is not None:
                     row |= {"decision": "anomalous" if score > threshold else "normal", "threshold": repr(threshold)}
                 target = out / "maps" / image.key
@@ -842,7 +858,9 @@ def predict(
     }
     settings = json.loads(json.dumps(settings))  # as run.json stores them (tuples become lists)
     _prepare_out(out, settings, force)
+    fidelity = method_fidelity(detector)
     run = {"settings": settings, "runtime": {"device": device, "batch_size": batch_size},
+           **({"fidelity": fidelity} if fidelity is not None else {}),
            "random_weights": not pretrained, "notes": notes, "versions": _versions()}
     _write_json(out / "run.json", run)
 
@@ -863,7 +881,7 @@ def predict(
             reference_seed=train_seed if drawn else None, checkpoint=checkpoint))
         for word in words
     }
-    tried, failures = _score_into(out, scorer, images, provenance, threshold, maps, progress)
+    tried, failures = _score_into(out, scorer, images, provenance, threshold, maps, progress, fidelity)
     errors = pd.DataFrame(failures, columns=["path", "reason"])
     if failures:
         errors.to_csv(out / "errors.csv", index=False)

@@ -82,6 +82,7 @@ __all__ = [
     "latest_checkpoint",
     "learning_rate",
     "load_checkpoint",
+    "method_code_digest",
     "seed_everything",
     "train",
 ]
@@ -220,6 +221,13 @@ def code_digest(*modules: str) -> str:
         digest.update(name.encode())
         digest.update(inspect.getsource(importlib.import_module(name)).encode())
     return digest.hexdigest()
+
+
+def method_code_digest(model: object, *modules: str) -> str:
+    """`code_digest` of the modules defining `model`'s class and its zsadkit base classes, plus `modules` (e.g.
+    the recipe that trains it)."""
+    model_modules = {cls.__module__ for cls in type(model).__mro__ if cls.__module__.startswith("zsadkit")}
+    return code_digest(*model_modules, *modules)
 
 
 def seed_everything(seed: int) -> None:
@@ -510,9 +518,8 @@ def fit(
             batch = {**batch, **model.encode_rows(batch["image"].to(device))}
         return model.losses_from_rows(batch)
 
-    model_modules = {cls.__module__ for cls in type(model).__mro__ if cls.__module__.startswith("zsadkit")}
     fingerprint = {"method": name, **model.fingerprint(), "samples": samples_fingerprint(samples),
-                   "code": code_digest(*model_modules, *code),
+                   "code": method_code_digest(model, *code),
                    "image_features": f"cache {cache_dtype}" if use_cache and cache_dtype != "float32" else "float32"}
     result = train(model.trainable_parameters(), dataset, step, config, fingerprint=fingerprint, progress=progress)
     model.eval()

@@ -34,6 +34,7 @@ Paper vs code (the code's behaviour is each default; the paper's reading is the 
 | `stage1_levels` | "last": `loss` re-assigned in the level loop, only the last level trains | "all": Σ over levels |
 | `disentangle_reduction` | "mean_then_square": (mean_b ⟨T_N, T_A⟩)² | "square_then_mean": mean_b ⟨T_N, T_A⟩² |
 | `vv_batch_mixing` | True: the surgery V-V attention runs across the batch at each token position | False: per image |
+| `surgery_path` | "single": V-V replaces the residual stream's attention from block 6 (`DAPM_replace`), MLP kept | "dual": DPAM-style V-V side stream beside the CLIP stream, no MLP |
 | `image_score_fusion` | "transductive": per-class min-max over the test set | "per_image": fixed-range scaling |
 
 Deviations of ours (all exact or documented): the text tower runs on tokens up to the last end-of-text token
@@ -120,6 +121,9 @@ class AACLIPConfig:
         surgery_first_layer: first vision block with the stage-1 V-V attention (`DAPM_replace(20)`: 6 of 24).
         vv_batch_mixing: the reference's V-V layout bug (attention across the batch per token position); False
             runs V-V per image.
+        surgery_path: "single" (the reference, `DAPM_replace`: V-V replaces the attention of the residual stream
+            from `surgery_first_layer` on, MLP kept) or "dual" (CLIP Surgery's and AnomalyCLIP's DPAM design: a
+            V-V side stream beside the unchanged CLIP stream, no MLP; taps from `surgery_first_layer` on read it).
         stage1_add_global: add the normalised global embedding to every stage-1 patch vector.
         stage1_cls_loss: add CE([g·T_N, g·T_A], y) of the global embedding g to stage 1 (the paper's L_cls).
         stage1_levels: "last" (the reference: only the last level's L_seg reaches the loss) or "all".
@@ -144,6 +148,7 @@ class AACLIPConfig:
     logit_scale: float = 100.0
     surgery_first_layer: int = 6
     vv_batch_mixing: bool = True
+    surgery_path: Literal["single", "dual"] = "single"
     stage1_add_global: bool = True
     stage1_cls_loss: bool = False
     stage1_levels: Literal["last", "all"] = "last"
@@ -172,7 +177,7 @@ class AACLIPConfig:
                 raise ValueError(f"AACLIPConfig.{name} must be in [0, 1], got {getattr(self, name)}")
         choices = {"class_names": ("descriptive", "raw"), "stage1_levels": ("last", "all"),
                    "disentangle_reduction": ("mean_then_square", "square_then_mean"),
-                   "image_score_fusion": ("transductive", "per_image")}
+                   "image_score_fusion": ("transductive", "per_image"), "surgery_path": ("single", "dual")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"AACLIPConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
@@ -323,8 +328,8 @@ class AACLIP(nn.Module):
         self.text_projection = Projection(text_width, embed_dim, leaky_relu=True)
         for parameter in (*self.image_parameters().values(), *self.text_parameters().values()):
             nn.init.xavier_uniform_(parameter)  # `model/adapter.py:47-53`, image side first
-        self.surgery_attention = AttentionVariant(("vv",), first_layer=cfg.surgery_first_layer, path="single",
-                                                  batch_mixing=cfg.vv_batch_mixing)
+        self.surgery_attention = AttentionVariant(("vv",), first_layer=cfg.surgery_first_layer,
+                                                  path=cfg.surgery_path, batch_mixing=cfg.vv_batch_mixing)
         self.ensemble = prompt_ensemble(cfg.prompts)
         self.domain: str = "industrial"
         self._anchor_cache: dict[str, torch.Tensor] = {}
@@ -456,6 +461,7 @@ class AACLIP(nn.Module):
         return {"method": "aaclip-stage1", "backbone": asdict(source) if source is not None else None,
                 "weights": module_fingerprint(self.visual), "image_size": self.image_size,
                 "levels": list(self.config.levels), "surgery_first_layer": self.config.surgery_first_layer,
+                "surgery_path": self.config.surgery_path,
                 "vv_batch_mixing": self.config.vv_batch_mixing, "tokens": "ln_post+proj normalised",
                 "global": "ln_post(cls)@proj normalised"}
 

@@ -31,8 +31,10 @@ Everything below is one reading of those sentences, and **every unknown is a swi
     identity at initialisation, so the untrained model is AnomalyCLIP (a test).
   - `lhw_placement`: "qk" (the residual stream's Q-K attention: changes the global embedding and what the side
     stream reads), "vv" (the DPAM V-V side stream only: changes the local tokens), or "both" (separate weights).
-  - `lhw_layers`: "all", "tapped" (the `feature_layers`), "last" (`lhw_last_n` layers) or explicit layers; the V-V
-    path exists from `dpam_first_layer` on only.
+  - `lhw_layers`: "all", "tapped" (`lhw_tapped_layers`: by default the backbone's four evenly spaced tapped blocks,
+    `backbone_defaults(clip).four_layers`, 6/12/18/24 of 24, the taps of VAND and AA-CLIP; AnomalyCLIP's own
+    `feature_layers` is the last block only), "last" (`lhw_last_n` layers) or explicit layers; the V-V path exists
+    from `dpam_first_layer` on only.
 * JAS (H3), `joint_score`: s = β·p_global + (1−β)·pool(M) ("additive") or p_global^β·pool(M)^(1−β)
   ("multiplicative"), with p_global = P(g_a, f_global) (AnomalyCLIP's image score), M the anomaly map divided by
   the number of summed layers (so that M ∈ [0, 1]; `jas_map` "smoothed" or "raw"), pool "max" or "topk_mean" (mean
@@ -72,7 +74,14 @@ from torch import nn
 from zsadkit.maps import gaussian_smooth
 from zsadkit.methods.anomalyclip import PROMPT_FIELDS, AnomalyCLIP, AnomalyCLIPConfig, ImageFeatures
 from zsadkit.methods.anomalyclip import reference_config as anomalyclip_reference_config
-from zsadkit.methods.base import Prediction, backbone_for, check_options, register_method, seeded
+from zsadkit.methods.base import (
+    Prediction,
+    backbone_defaults,
+    backbone_for,
+    check_options,
+    register_method,
+    seeded,
+)
 from zsadkit.models import HeadWeighting, StreamState, module_fingerprint
 
 __all__ = [
@@ -99,8 +108,8 @@ JAS_MODES = ("additive", "multiplicative")
 NORMALIZATIONS = ("none", "minmax_per_class")
 MAP_CHOICES = ("smoothed", "raw")
 #: Config fields that define the learned head weights: saved weights load only into a model that agrees.
-LHW_FIELDS = ("lhw_parameterisation", "lhw_placement", "lhw_layers", "lhw_last_n", "lhw_mlp_hidden",
-              "dpam_first_layer", "feature_layers")
+LHW_FIELDS = ("lhw_parameterisation", "lhw_placement", "lhw_layers", "lhw_tapped_layers", "lhw_last_n",
+              "lhw_mlp_hidden", "dpam_first_layer", "feature_layers")
 
 
 @dataclass(frozen=True)
@@ -113,6 +122,8 @@ class HeadCLIPConfig(AnomalyCLIPConfig):
         lhw_parameterisation: "scalar", "softmax", "sigmoid" or "conditional" (H2).
         lhw_placement: "qk", "vv" or "both" (H2).
         lhw_layers: "all", "tapped", "last", or explicit 1-indexed layers (H2).
+        lhw_tapped_layers: the layers of "tapped"; () = the backbone's four tapped blocks
+            (`backbone_defaults(clip).four_layers`, filled in by `reference_config` and `HeadCLIP`).
         lhw_last_n: the N of "last".
         lhw_mlp_hidden: hidden width of the conditional weights' MLP.
         jas_beta: β of the joint score, in [0, 1] (H3); 1 = AnomalyCLIP's image score.
@@ -126,6 +137,7 @@ class HeadCLIPConfig(AnomalyCLIPConfig):
     lhw_parameterisation: str = "scalar"
     lhw_placement: str = "both"
     lhw_layers: str | tuple[int, ...] = "all"
+    lhw_tapped_layers: tuple[int, ...] = ()
     lhw_last_n: int = 4
     lhw_mlp_hidden: int = 32
     jas_beta: float = 0.5
@@ -139,6 +151,7 @@ class HeadCLIPConfig(AnomalyCLIPConfig):
         super().__post_init__()
         if not isinstance(self.lhw_layers, str):
             object.__setattr__(self, "lhw_layers", tuple(int(layer) for layer in self.lhw_layers))
+        object.__setattr__(self, "lhw_tapped_layers", tuple(int(layer) for layer in self.lhw_tapped_layers))
         choices = {"lhw_parameterisation": PARAMETERISATIONS, "lhw_placement": PLACEMENTS, "jas_pool": POOLS,
                    "jas_mode": JAS_MODES, "jas_normalize": NORMALIZATIONS, "jas_map": MAP_CHOICES}
         if isinstance(self.lhw_layers, str):
@@ -162,8 +175,14 @@ class HeadCLIPConfig(AnomalyCLIPConfig):
 
 def reference_config(clip: nn.Module, **overrides: Any) -> HeadCLIPConfig:
     """AnomalyCLIP's released settings scaled to `clip`'s depth (`anomalyclip.reference_config`) with the HeadCLIP
-    defaults; `overrides` are `HeadCLIPConfig` fields."""
-    return replace(HeadCLIPConfig(**asdict(anomalyclip_reference_config(clip))), **overrides)
+    defaults, "tapped" = `clip`'s four tapped blocks (`backbone_defaults`); `overrides` are `HeadCLIPConfig`
+    fields."""
+    base = HeadCLIPConfig(**asdict(anomalyclip_reference_config(clip)),
+                          lhw_tapped_layers=backbone_defaults(clip).four_layers)
+    config = replace(base, **overrides)
+    if not config.lhw_tapped_layers:
+        config = replace(config, lhw_tapped_layers=base.lhw_tapped_layers)
+    return config
 
 
 def weighted_layers(config: HeadCLIPConfig, num_layers: int) -> dict[str, tuple[int, ...]]:
@@ -175,7 +194,10 @@ def weighted_layers(config: HeadCLIPConfig, num_layers: int) -> dict[str, tuple[
     if choice == "all":
         layers = tuple(range(1, num_layers + 1))
     elif choice == "tapped":
-        layers = tuple(sorted(set(config.feature_layers)))
+        if not config.lhw_tapped_layers:
+            raise ValueError("lhw_layers='tapped' needs lhw_tapped_layers (reference_config fills in the backbone's "
+                             "four tapped blocks)")
+        layers = tuple(sorted(set(config.lhw_tapped_layers)))
     elif choice == "last":
         layers = tuple(range(max(1, num_layers - config.lhw_last_n + 1), num_layers + 1))
     else:
@@ -352,6 +374,8 @@ class HeadCLIP(AnomalyCLIP):
         config = config or HeadCLIPConfig()
         if not isinstance(config, HeadCLIPConfig):
             raise TypeError(f"HeadCLIP needs a HeadCLIPConfig, got {type(config).__name__}")
+        if not config.lhw_tapped_layers:
+            config = replace(config, lhw_tapped_layers=backbone_defaults(clip).four_layers)
         super().__init__(clip, config)
         self.lhw_layers = weighted_layers(config, self.visual.num_layers)
         self.head_weights = nn.ModuleDict({

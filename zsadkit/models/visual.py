@@ -391,6 +391,8 @@ class VisualEncoder(nn.Module):
             variant_active = layer >= first_variant
             if not variant_active and layer not in head_weights:
                 hidden = block(hidden)
+            elif not variant_active:
+                hidden = self._head_weighted_block(block, hidden, head_weights[layer])
             else:
                 q, k, v = project_qkv(block.attn, block.ln_1(hidden))
                 single = variant_active and attention.path == "single"
@@ -409,6 +411,21 @@ class VisualEncoder(nn.Module):
             if layer in layers:
                 taps[layer] = side if side is not None else hidden
         return hidden, side, taps
+
+    @staticmethod
+    def _head_weighted_block(block: ResidualAttentionBlock, hidden: torch.Tensor,
+                             weighting: HeadWeighting) -> torch.Tensor:
+        """A standard block with its heads re-weighted, written as the block's own attention plus the change the
+        weights make: ``h + ls_1(Attn(ln_1(h)) + Out(w·heads) − Out(heads))``, then the MLP as in the block.
+
+        With identity weights ``w·heads`` equals ``heads`` bit for bit, the correction is exactly zero and the
+        result is bit-identical to ``block(hidden)`` (torch's fused attention); the weights still get gradients.
+        """
+        normalised = block.ln_1(hidden)
+        heads = head_attention(*project_qkv(block.attn, normalised))
+        correction = merge_heads(block.attn, weight_heads(heads, weighting)) - merge_heads(block.attn, heads)
+        hidden = hidden + block.ls_1(block.attention(normalised) + correction)
+        return hidden + block.ls_2(block.mlp(block.ln_2(hidden)))
 
     def encode_windows(
         self, images: torch.Tensor, windows: torch.Tensor, *, windows_per_pass: int | None = None

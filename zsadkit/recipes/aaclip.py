@@ -11,7 +11,8 @@
 * Stage 1 (`train.py:38-114`): the text adapters and projection, Adam(lr 1e-5, betas (0.5, 0.999)), batch 16,
   5 epochs, no scheduler (`STAGE1`). The frozen visual side is computed per epoch for that epoch's augmented
   batches and kept in the feature cache (`use_cache`), so a rerun (another stage-1 switch, a resumed run) costs
-  only the text side. The reference's V-V attention mixes the images of a batch, so the cache holds the
+  only the text side; `stage1_feature_draws="once"` (a deviation) draws and encodes epoch 1's batches only and
+  reuses them in every epoch. The reference's V-V attention mixes the images of a batch, so the cache holds the
   features of the very batches training reads: the recipe draws each epoch's order itself (a permutation
   seeded by seed + epoch) and the trainer reads it unshuffled.
 * Stage 2 (`train.py:117-174`): the vision adapters and projections with the text anchors frozen, Adam(lr 5e-4,
@@ -41,6 +42,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torchvision.transforms.functional as TF
+from safetensors import safe_open
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
@@ -53,12 +55,20 @@ from zsadkit.methods.aaclip import AACLIP, AACLIPScores, transductive_image_scor
 from zsadkit.metrics import Evaluator
 from zsadkit.models import module_fingerprint
 from zsadkit.paths import default_cache_root
-from zsadkit.training import TrainConfig, TrainResult, checkpoint_path, load_checkpoint, train
+from zsadkit.training import (
+    TrainConfig,
+    TrainResult,
+    checkpoint_path,
+    load_checkpoint,
+    method_code_digest,
+    train,
+)
 
 __all__ = [
     "Augmentation",
     "AugmentedDataset",
     "EpochChoice",
+    "FEATURE_DRAWS",
     "REFERENCE_EPOCH",
     "STAGE1",
     "STAGE1_AUGMENTATION",
@@ -73,6 +83,7 @@ __all__ = [
     "evaluate",
     "fit",
     "load_epoch",
+    "saved_epoch",
     "training_samples",
 ]
 
@@ -84,6 +95,10 @@ STAGE2 = TrainConfig(epochs=20, batch_size=2, lr=5e-4, betas=(0.5, 0.999), seed=
                      schedule_unit="iteration", milestones=(16000, 32000), gamma=0.5)
 #: The epoch of the official log and, per the author, of the paper (issues #13, #16, #19, #52).
 REFERENCE_EPOCH = 15
+FeatureDraws = Literal["per_epoch", "once"]
+#: How often stage 1 draws its augmented images (and so encodes its frozen features): every epoch, as the
+#: reference's shuffled, augmenting DataLoader does (`train.py:53-85, 311-313`, `dataset/__init__.py:74-92`), or once.
+FEATURE_DRAWS: tuple[str, ...] = ("per_epoch", "once")
 
 
 @dataclass(frozen=True)
@@ -190,7 +205,9 @@ class Stage1Epochs(Dataset):
 
     With a cache, `set_epoch` builds (once per key) the epoch's `FeatureCache` by encoding the epoch's augmented
     images in its training batches (`batch_size`, so the V-V batch mixing sees the batches training reads), and
-    items are its rows; without, items are the augmented images and the step encodes them.
+    items are its rows; without, items are the augmented images and the step encodes them. With
+    ``draws="once"`` every epoch reads epoch 1's draw (its augmentation, its order, its cache), so the frozen side
+    is encoded once per run.
 
     Args:
         model: the AA-CLIP model (its `stage1_features` and `stage1_cache_key`).
@@ -201,13 +218,17 @@ class Stage1Epochs(Dataset):
         cache_root: parent folder of the feature caches, or None for no cache.
         device: where the encoder runs.
         progress: progress bars of the cache builds.
+        draws: "per_epoch" (the reference: a new augmentation and order each epoch) or "once" (epoch 1's, reused).
     """
 
     def __init__(self, model: AACLIP, samples: Sequence[Sample], augmentation: Augmentation, seed: int,
                  batch_size: int, cache_root: str | Path | None, device: str | torch.device = "cpu",
-                 progress: bool = False) -> None:
+                 progress: bool = False, draws: FeatureDraws = "per_epoch") -> None:
+        if draws not in FEATURE_DRAWS:
+            raise ValueError(f"stage1_feature_draws must be one of {FEATURE_DRAWS}, got {draws!r}")
         self.model, self.samples, self.seed, self.batch_size = model, list(samples), seed, batch_size
-        self.augmentation = augmentation
+        self.augmentation, self.draws = augmentation, draws
+        self.drawn_epoch: int | None = None
         self.images = AugmentedDataset(self.samples, model.image_size, augmentation, seed)
         self.cache_root, self.device, self.progress = cache_root, device, progress
         self.rows: Dataset | None = None
@@ -218,11 +239,15 @@ class Stage1Epochs(Dataset):
                 "seed": self.seed, "epoch": epoch, "batch_size": self.batch_size}
 
     def set_epoch(self, epoch: int) -> None:
-        self.images.set_epoch(epoch, epoch_order(len(self.samples), self.seed, epoch))
+        draw = 1 if self.draws == "once" else epoch
+        if draw == self.drawn_epoch:  # "once": the rows of epoch 1 serve every epoch
+            return
+        self.drawn_epoch = draw
+        self.images.set_epoch(draw, epoch_order(len(self.samples), self.seed, draw))
         if self.cache_root is None:
             self.rows = self.images
             return
-        cache = FeatureCache(self.cache_root, self.cache_key(epoch), name=f"aaclip-stage1-e{epoch:03d}")
+        cache = FeatureCache(self.cache_root, self.cache_key(draw), name=f"aaclip-stage1-e{draw:03d}")
         cache.build(self.samples, self.model.stage1_features, self.model.image_size, batch_size=self.batch_size,
                     device=self.device, progress=self.progress, dataset=self.images)
         self.rows = cache.dataset()
@@ -267,6 +292,7 @@ def fit(
     checkpoint_dir: str | Path = "",
     use_cache: bool = True,
     cache_root: str | Path | None = None,
+    stage1_feature_draws: FeatureDraws = "per_epoch",
     device: str | torch.device = "cpu",
     progress: bool = False,
 ) -> TrainingRun:
@@ -282,6 +308,9 @@ def fit(
         checkpoint_dir: where `stage1/` and `stage2/` epoch checkpoints go ("" = none); a rerun resumes.
         use_cache: keep stage 1's frozen features in the feature cache.
         cache_root: parent folder of the feature caches (default `zsadkit.paths.default_cache_root()`).
+        stage1_feature_draws: "per_epoch" (the reference: each epoch draws new augmentations and a new order, so
+            its frozen features are encoded again, one cache per epoch) or "once" (epoch 1's draw, order and
+            cache serve every stage-1 epoch: the image towers run once per run; a deviation).
         device: where the model runs.
         progress: progress bars.
     """
@@ -291,11 +320,13 @@ def fit(
         raise ValueError("aaclip.fit: no training samples")
     folders = [str(Path(checkpoint_dir) / stage) if checkpoint_dir else "" for stage in ("stage1", "stage2")]
     samples_key = samples_fingerprint(samples)
-    common = {"method": "aaclip", **model.fingerprint(), "samples": samples_key}
+    common = {"method": "aaclip", **model.fingerprint(), "samples": samples_key,
+              "code": method_code_digest(model, __name__)}
 
     model.train()
     epochs = Stage1Epochs(model, samples, stage1_augmentation, stage1.seed, stage1.batch_size,
-                          (cache_root or default_cache_root()) if use_cache else None, device, progress)
+                          (cache_root or default_cache_root()) if use_cache else None, device, progress,
+                          draws=stage1_feature_draws)
 
     def stage1_step(batch: dict) -> dict[str, torch.Tensor]:
         if "image" in batch:
@@ -305,7 +336,8 @@ def fit(
     first = TrainResult()
     if stage1.epochs > 0:
         first = train(model.text_parameters(), epochs, stage1_step, replace(stage1, checkpoint_dir=folders[0]),
-                      fingerprint={**common, "stage": 1, "augmentation": asdict(stage1_augmentation)},
+                      fingerprint={**common, "stage": 1, "augmentation": asdict(stage1_augmentation),
+                                   "feature_draws": stage1_feature_draws},
                       on_epoch_start=epochs.set_epoch, progress=progress)
     model.train()  # drops anchors cached during stage 1: stage 2 freezes the trained ones
     images = AugmentedDataset(samples, model.image_size, stage2_augmentation, stage2.seed)
@@ -384,6 +416,30 @@ def choose_epoch(policy: Literal["reference", "last"] | int, epochs: int) -> Epo
     if isinstance(policy, int) and 1 <= policy <= epochs:
         return EpochChoice(policy, False, f"epoch {policy}, fixed in advance")
     raise ValueError(f"epoch policy must be 'reference', 'last' or an epoch in 1..{epochs}, got {policy!r}")
+
+
+def saved_epoch(path: str | Path) -> EpochChoice | None:
+    """The epoch a ``.safetensors`` adapters file was saved at, from its metadata; None when it records none.
+
+    Reads ``epoch`` and ``epoch_selected_on_test`` ("True"/"False") of `AACLIP.save_adapters` files written with
+    them (`31_aaclip_tables` does), or ``epoch`` of a `zsadkit.training` epoch checkpoint (not chosen on test
+    results). Official ``.pth`` files and folders carry no such metadata: None.
+    """
+    path = Path(path)
+    if path.suffix != ".safetensors" or not path.is_file():
+        return None
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+    if "epoch" not in metadata:
+        return None
+    try:
+        epoch = int(metadata["epoch"])
+    except ValueError as error:
+        raise ValueError(f"{path}: metadata 'epoch' must be an integer, got {metadata['epoch']!r}") from error
+    flag = metadata.get("epoch_selected_on_test", "False")
+    if flag not in ("True", "False"):
+        raise ValueError(f"{path}: metadata 'epoch_selected_on_test' must be 'True' or 'False', got {flag!r}")
+    return EpochChoice(epoch, flag == "True", f"epoch {epoch}, saved with {path.name}")
 
 
 def load_epoch(model: AACLIP, run: TrainingRun, epoch: int) -> Path:

@@ -44,7 +44,14 @@ from zsadkit.feature_cache import cached_rows
 from zsadkit.methods.inctrl import InCTRL
 from zsadkit.metrics import Evaluator
 from zsadkit.protocols import paper_setting, protocol
-from zsadkit.training import TrainConfig, TrainResult, checkpoint_path, load_checkpoint, train
+from zsadkit.training import (
+    TrainConfig,
+    TrainResult,
+    checkpoint_path,
+    load_checkpoint,
+    method_code_digest,
+    train,
+)
 
 __all__ = [
     "EpisodeDataset",
@@ -265,6 +272,7 @@ def fit(
             selected.update({name: value.detach().clone() for name, value in model.head_state().items()})
 
     fingerprint = {"method": NAME, **model.fingerprint(), "samples": samples_fingerprint(samples),
+                   "code": method_code_digest(model, __name__),
                    "episodes": {"shots": config.shots, "steps": config.steps_per_epoch,
                                 "normal": config.normal_per_batch, "anomalous": config.anomalous_per_batch,
                                 "query_in_prompts": config.query_in_prompts, "resize": resize},

@@ -6,23 +6,90 @@ Each method has a module `zsadkit.verify.<method>` with `main(directory: Path) -
 fixture arrays, prints one line per array (max |Δ| and tolerance) and returns non-zero when any array is out of
 tolerance, a required file is missing, or nothing was checked. `Comparison` is the one line printer and tally of
 every verify command; `Comparison.section` turns an unexpected fixture format into one FAIL line naming the part
-(and the file and key the error names) and goes on with the other parts.
+(and the file and key the error names) and goes on with the other parts. Every file a command reads is read inside
+a section, the settings included: a fixture the command cannot read is FAIL lines and exit status 1, never a
+traceback. `int_setting`, `ints_setting`, `float_setting` and `floats_setting` read a typed setting of a JSON file and name the
+file, the key and what was expected when the value has another type.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import pickle
+import zipfile
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
-__all__ = ["Comparison", "FixtureError"]
+__all__ = ["Comparison", "FixtureError", "float_setting", "floats_setting", "int_setting", "ints_setting"]
+
+Parsed = TypeVar("Parsed")
 
 
 class FixtureError(ValueError):
     """A fixture directory lacks a file or key, or holds a value of another format than expected."""
+
+
+#: What a section turns into a FAIL line: fixture formats the code did not expect (missing keys, values of another
+#: type or shape, unreadable or truncated files; torch reports shape mismatches as RuntimeError), not programming
+#: errors such as AttributeError.
+SECTION_ERRORS: tuple[type[Exception], ...] = (FixtureError, KeyError, ValueError, TypeError, IndexError, OSError,
+                                               RuntimeError, zipfile.BadZipFile, pickle.UnpicklingError)
+
+
+def _integer(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer, float)):
+        raise TypeError(f"not an integer: {value!r}")
+    if isinstance(value, float) and not value.is_integer():
+        raise ValueError(f"not an integer: {value!r}")
+    return int(value)
+
+
+def _number(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"not a number: {value!r}")
+    return float(value)
+
+
+def _setting(mapping: Mapping, key: str, file: Path | str, expected: str, parse: Callable[[object], Parsed]) -> Parsed:
+    """`parse(mapping[key])`; a value of another type is a FixtureError naming the file, the key and what was
+    expected (a missing key is the caller's to check, as the defaults differ)."""
+    value = mapping[key]
+    try:
+        return parse(value)
+    except (TypeError, ValueError) as error:
+        raise FixtureError(f"{file}: {key!r} must be {expected}, got {type(value).__name__} {value!r}") from error
+
+
+def int_setting(mapping: Mapping, key: str, file: Path | str) -> int:
+    """The integer `mapping[key]` of `file` (a JSON value such as ``"vision_heads": 2``)."""
+    return _setting(mapping, key, file, "an integer", _integer)
+
+
+def ints_setting(mapping: Mapping, key: str, file: Path | str) -> tuple[int, ...]:
+    """The list of integers `mapping[key]` of `file` (e.g. ``"levels": [6, 12, 18, 24]``)."""
+    def parse(value: object) -> tuple[int, ...]:
+        if not isinstance(value, (list, tuple)):
+            raise TypeError(f"not a list: {value!r}")
+        return tuple(_integer(item) for item in value)
+    return _setting(mapping, key, file, "a list of integers", parse)
+
+
+def float_setting(mapping: Mapping, key: str, file: Path | str) -> float:
+    """The number `mapping[key]` of `file` (e.g. ``"text_adapt_weight": 0.1``)."""
+    return _setting(mapping, key, file, "a number", _number)
+
+
+def floats_setting(mapping: Mapping, key: str, file: Path | str) -> tuple[float, ...]:
+    """The list of numbers `mapping[key]` of `file` (e.g. ``"betas": [0.5, 0.999]``)."""
+    def parse(value: object) -> tuple[float, ...]:
+        if not isinstance(value, (list, tuple)):
+            raise TypeError(f"not a list: {value!r}")
+        return tuple(_number(item) for item in value)
+    return _setting(mapping, key, file, "a list of numbers", parse)
 
 
 @dataclass
@@ -75,7 +142,7 @@ class Comparison:
         line with the error, counted as a failure, and the other parts still run."""
         try:
             yield
-        except (FixtureError, KeyError, ValueError, TypeError, IndexError, OSError) as error:
+        except SECTION_ERRORS as error:
             self.failures.append(name)
             print(f"FAIL  {name:<58} not checked: {type(error).__name__}: {error}")
 

@@ -29,7 +29,7 @@ import torch
 
 from zsadkit.methods.anomalyclip import AnomalyCLIP, AnomalyCLIPConfig, import_official_prompt_learner
 from zsadkit.models import load_clip
-from zsadkit.verify import Comparison, FixtureError
+from zsadkit.verify import Comparison, FixtureError, float_setting, floats_setting, int_setting, ints_setting
 
 __all__ = [
     "check_end_to_end",
@@ -84,10 +84,30 @@ class FixtureRun:
                                     "(see tests/fixtures/anomalyclip/README.md for the layout)")
         self.directory = directory
         self.info = json.loads((directory / "run_info.json").read_text())
-        self.cfg = self.info["cfg"]
+        self.cfg = self.typed_cfg(directory / "run_info.json", self.info)
         self.state_dict = {key: torch.from_numpy(value) for key, value in _load(directory, "state_dict.npz").items()}
         self.initial_prompts = {k: torch.from_numpy(v) for k, v in _load(directory, "prompt_learner_init.npz").items()}
-        self.num_layers = int(self.cfg["vision_layers"])
+        self.num_layers = self.cfg["vision_layers"]
+
+    @staticmethod
+    def typed_cfg(file: Path, info: object) -> dict[str, object]:
+        """`run_info.json` ``cfg`` with every value the checks read converted, or a FixtureError naming the key."""
+        if not isinstance(info, dict) or not isinstance(info.get("cfg"), dict):
+            raise FixtureError(f"{file}: a JSON object with a 'cfg' object expected")
+        cfg, where = info["cfg"], f"{file} cfg"
+        missing = [key for key in ("vision_layers", "n_ctx", "depth", "t_n_ctx", "image_size", "temperature", "sigma",
+                                   "lam", "lr", "betas", "DPAM_layer", "features_all") if key not in cfg]
+        if missing:
+            raise FixtureError(f"{where}: missing keys {missing} (see tests/fixtures/anomalyclip/README.md)")
+        typed = {**cfg, **{key: int_setting(cfg, key, where)
+                           for key in ("vision_layers", "n_ctx", "depth", "t_n_ctx", "image_size")},
+                 **{key: float_setting(cfg, key, where) for key in ("temperature", "sigma", "lam", "lr")},
+                 "betas": floats_setting(cfg, "betas", where),
+                 "DPAM_layer": None if cfg["DPAM_layer"] is None else int_setting(cfg, "DPAM_layer", where)}
+        for key in ("features_all", "features_top"):
+            if key in cfg:
+                typed[key] = list(ints_setting(cfg, key, where))
+        return typed
 
     def first_dpam_layer(self, dpam_layer_argument: int | None) -> int | None:
         """Reference `DAPM_replace(DPAM_layer=n)` replaces the last n − 1 blocks: first = L − n + 2 (None: none)."""
@@ -99,16 +119,16 @@ class FixtureRun:
         return AnomalyCLIPConfig(
             feature_layers=tuple(features),
             dpam_first_layer=self.first_dpam_layer(dpam_layer_argument),
-            n_ctx=int(self.cfg["n_ctx"]),
-            deep_depth=int(self.cfg["depth"]),
-            deep_length=int(self.cfg["t_n_ctx"]),
-            temperature=float(self.cfg["temperature"]),
-            sigma=float(self.cfg["sigma"]),
-            lam=float(self.cfg["lam"]),
+            n_ctx=self.cfg["n_ctx"],
+            deep_depth=self.cfg["depth"],
+            deep_length=self.cfg["t_n_ctx"],
+            temperature=self.cfg["temperature"],
+            sigma=self.cfg["sigma"],
+            lam=self.cfg["lam"],
         )
 
     def model(self, features: list[int], dpam_layer_argument: int | None, load_prompts: bool = True) -> AnomalyCLIP:
-        clip = load_clip(state_dict=self.state_dict, image_size=int(self.cfg["image_size"]))
+        clip = load_clip(state_dict=self.state_dict, image_size=self.cfg["image_size"])
         model = AnomalyCLIP(clip, self.config(features, dpam_layer_argument)).eval()
         if load_prompts:
             with warnings.catch_warnings():
@@ -216,8 +236,7 @@ def check_training(run: FixtureRun, out: Comparison, images: torch.Tensor, masks
         reference = _load(run.directory, name)
         model = run.model(run.cfg[f"features_{part}"], run.cfg["DPAM_layer"]).train()
         features = model.encode_image(images)
-        optimizer = torch.optim.Adam(model.prompt_learner.parameters(), lr=float(run.cfg["lr"]),
-                                     betas=tuple(run.cfg["betas"]))
+        optimizer = torch.optim.Adam(model.prompt_learner.parameters(), lr=run.cfg["lr"], betas=run.cfg["betas"])
         records: dict[str, list] = {"image": [], "local": [], "loss": [], "per_layer": []}
         for step in range(1, len(reference["losses_total"]) + 1):
             losses = model.losses(features, masks, labels)
@@ -289,7 +308,7 @@ def check_end_to_end(run: FixtureRun, out: Comparison) -> None:
         return
     expected = json.loads(expected_file.read_text())
     samples = read_mvtec(root, dataset="btad", normal_defect="ok", mask_suffix="")
-    size = int(run.cfg["image_size"])
+    size = run.cfg["image_size"]
     if out.optional(run.directory, "e2e_transform_samples.npz") and "transform_samples" in expected:
         reference = _load(run.directory, "e2e_transform_samples.npz")
         soft_masks = AnomalyDataset(samples, image_size=size, mask_threshold=None)
@@ -338,13 +357,19 @@ def check_end_to_end(run: FixtureRun, out: Comparison) -> None:
 def main(directory: Path) -> int:
     """Recompute every array of the fixture directory; 0 if all are within tolerance."""
     torch.set_num_threads(1)
-    run = FixtureRun(Path(directory))
-    inputs = _load(run.directory, "inputs.npz")
-    images = torch.from_numpy(inputs["images"])
-    masks = torch.from_numpy(inputs["masks_raw"])[:, 0]
-    labels = torch.from_numpy(inputs["labels"])
     out = Comparison()
-    print(f"AnomalyCLIP parity against {run.directory} (reference {run.info.get('reference_commit', '?')})")
+    print(f"AnomalyCLIP parity against {directory}")
+    run = None
+    with out.section("fixture (run_info.json, state dict, initial prompts, inputs.npz)"):
+        fixture = FixtureRun(Path(directory))
+        inputs = _load(fixture.directory, "inputs.npz")
+        images = torch.from_numpy(inputs["images"])
+        masks = torch.from_numpy(inputs["masks_raw"])[:, 0]
+        labels = torch.from_numpy(inputs["labels"])
+        run = fixture
+    if run is None:
+        return out.summary()
+    print(f"reference {run.info.get('reference_commit', '?')}")
     if out.require(run.directory, "text.npz"):
         with out.section("text"):
             check_text(run, out)

@@ -43,7 +43,20 @@ from zsadkit.methods.inctrl import ImageFeatures, InCTRL, InCTRLConfig, InCTRLOu
 from zsadkit.models import VisualEncoder, VisualFeatures, load_clip
 from zsadkit.recipes.inctrl import InCTRLTrainingConfig
 from zsadkit.training import make_optimizer
-from zsadkit.verify import Comparison, FixtureError
+from zsadkit.verify import Comparison, FixtureError, int_setting, ints_setting
+
+__all__ = [
+    "ACTIVATIONS",
+    "FixtureRun",
+    "OUTPUT_ARRAYS",
+    "REQUIRED_FILES",
+    "check_evaluations",
+    "check_features",
+    "check_training",
+    "load_fixture",
+    "main",
+    "run_checks",
+]
 
 FEATURES = {"atol": 1e-5, "rtol": 1e-5}
 SCORES = {"atol": 1e-6, "rtol": 1e-5}
@@ -127,6 +140,16 @@ class FixtureRun:
         return ImageFeatures(tokens.unflatten(0, leading), encoded.global_embedding.unflatten(0, leading))
 
 
+def _object_types(info: dict, key: str, path: Path, default: tuple[str, ...]) -> list[str]:
+    """`info[key]`: one object type or a list of them (`default` when absent)."""
+    value = info.get(key, list(default))
+    types = [value] if isinstance(value, str) else value
+    if not isinstance(types, list) or not types or not all(isinstance(name, str) for name in types):
+        raise FixtureError(f"{path}: {key!r} must be an object type or a list of them, got {type(value).__name__} "
+                           f"{value!r}")
+    return list(types)
+
+
 def load_fixture(directory: Path) -> FixtureRun:
     """Read the settings and inputs of a fixture directory."""
     missing = [name for name in REQUIRED_FILES if not (directory / name).is_file()]
@@ -134,13 +157,15 @@ def load_fixture(directory: Path) -> FixtureRun:
         raise FixtureError(f"InCTRL fixture {directory}: missing {missing} (see tests/fixtures/inctrl/README.md)")
     info_path = directory / "run_info.json"
     info = json.loads(info_path.read_text())
+    if not isinstance(info, dict):
+        raise FixtureError(f"{info_path}: a JSON object expected, got {type(info).__name__}")
     notes = []
     activation = _key(info, "act_layer", info_path)
     if activation not in ACTIVATIONS:
         raise FixtureError(f"{info_path}: act_layer must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
     heads = {}
     for tower in ("vision_heads", "text_heads"):
-        heads[tower] = int(info.get(tower, README_HEADS))
+        heads[tower] = int_setting(info, tower, info_path) if tower in info else README_HEADS
         if tower not in info:
             notes.append(f"run_info.json has no {tower!r}: using {README_HEADS}, as the fixture README documents")
     clip = load_clip(checkpoint=directory / "clip_state_dict.npz", quick_gelu=ACTIVATIONS[activation], **heads)
@@ -155,16 +180,15 @@ def load_fixture(directory: Path) -> FixtureRun:
         raise FixtureError(f"{inputs_path}: expected query (B, 3, S, S), prompts_train_format (K, B, 3, S, S), "
                            f"labels (B,); got {tuple(query.shape)}, {tuple(prompts.shape)}, {tuple(labels.shape)}")
     if "out_layers" in info:
-        layers = tuple(int(layer) for layer in info["out_layers"])
+        layers = ints_setting(info, "out_layers", info_path)
     else:
         layers = backbone_defaults(clip).inctrl_layers
         notes.append(f"run_info.json has no 'out_layers': using {list(layers)}, the reference's blocks for "
                      f"{len(clip.visual.transformer.resblocks)} layers")
-    test_types = info.get("test_types", list(README_TEST_TYPES))
-    test_types = [test_types] * batch if isinstance(test_types, str) else list(test_types)
+    test_types = _object_types(info, "test_types", info_path, README_TEST_TYPES)
     if len(test_types) == 1:
         test_types = test_types * batch
-    train_types = list(info.get("train_types", README_TRAIN_TYPES))
+    train_types = _object_types(info, "train_types", info_path, README_TRAIN_TYPES)
     for key, value in (("test_types", test_types), ("train_types", train_types)):
         if key not in info:
             notes.append(f"run_info.json has no {key!r}: using {sorted(set(value))}, as the fixture README documents")
@@ -381,23 +405,26 @@ def check_training(out: Comparison, run: FixtureRun) -> None:
 
 
 def run_checks(directory: str | Path, out: Comparison) -> None:
-    run = load_fixture(Path(directory))
+    """All comparisons against the fixture in `directory`, printed and tallied by `out` (a fixture that cannot be
+    read is one FAIL line; a part that cannot run is one FAIL line and the other parts still run)."""
+    run = None
+    with out.section("fixture (run_info.json, CLIP, initial state, inputs.npz)"):
+        run = load_fixture(Path(directory))
+    if run is None:
+        return
     for note in run.notes:
         out.note(note)
     out.note(f"K = {run.shots}, {run.query.shape[0]} queries of {run.query.shape[-1]} px, layers {list(run.layers)}")
-    check_evaluations(out, run)
-    check_training(out, run)
+    with out.section("evaluations"):
+        check_evaluations(out, run)
+    with out.section("training"):
+        check_training(out, run)
 
 
 def main(directory: str | Path) -> int:
     """Print every check and a summary; 0 when all pass, 1 otherwise (a missing file or key, or nothing checked)."""
     out = Comparison()
-    try:
-        run_checks(directory, out)
-    except (FixtureError, KeyError, OSError, ValueError) as error:
-        print(f"ERROR {error}")
-        print(f"InCTRL verification against {directory}: not run")
-        return 1
+    run_checks(directory, out)
     return out.summary()
 
 
