@@ -133,11 +133,13 @@ placement = {"executor": cfg.executor, "scheduler": cfg.scheduler, "resources": 
 # inctrl/tables/grid_cells/: a rerun computes only the missing cells.
 
 # %%
-def train_and_test(cell: dict, clip, test_samples: dict, prompt_sets: dict) -> dict:
+def train_and_test(cell: dict, text_source, test_samples: dict, prompt_sets: dict) -> dict:
     """InCTRL with K = cell["shots"]: trained on the auxiliary set (or loaded from cell["checkpoint"]), tested on
-    each test set against its prompt sets of that K. Prints what it did when it runs."""
+    each test set against its prompt sets of that K. Prints what it did when it runs. `text_source`: a model on
+    the run's CLIP whose cache of class embeddings every K shares (encoded once per process; only a cache)."""
     train_set, k, checkpoint = cell["train_set"], cell["shots"], cell["checkpoint"]
-    model = inctrl_cfg.build("inctrl", clip=clip, train_seed=cfg.train_seed, checkpoint=checkpoint)
+    model = inctrl_cfg.build("inctrl", clip=text_source.text.clip, train_seed=cfg.train_seed, checkpoint=checkpoint)
+    model.share_text_cache(text_source)
     log, selection = [], {"train_set": train_set, "shots": k, "epochs": None, "selected_epoch": None,
                           "checkpoint": checkpoint}
     if not checkpoint:
@@ -169,7 +171,8 @@ inctrl_cells = [{"train_set": train_set, "test_sets": list(tests), "shots": k,
                 for train_set, tests in runs for k in shots]
 inctrl_outcomes = run_grid(
     train_and_test, inctrl_cells, store=output / "grid_cells" / "inctrl",
-    shared={"clip": clip, "test_samples": test_samples, "prompt_sets": prompt_sets}, recompute=retrain,
+    shared={"text_source": inctrl_cfg.build("inctrl", clip=clip, train_seed=cfg.train_seed),
+            "test_samples": test_samples, "prompt_sets": prompt_sets}, recompute=retrain,
     context={**context, "epochs": epochs, "steps_per_epoch": steps_per_epoch, "select_epoch": select_epoch,
              "query_in_prompts": query_in_prompts, "cache_dtype": cache_dtype}, **placement)
 outcome_of = {(cell["train_set"], cell["shots"]): outcome for cell, outcome in zip(inctrl_cells, inctrl_outcomes,

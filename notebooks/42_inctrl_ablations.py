@@ -127,10 +127,14 @@ for name, (test, train) in data.items():
 test_data = {name: test for name, (test, _) in data.items()}
 
 
-def train_and_test(cell: dict, clip, test_data: dict, prompt_sets: dict) -> pd.DataFrame:
+def train_and_test(cell: dict, text_source, test_data: dict, prompt_sets: dict) -> pd.DataFrame:
     """One variant: train on the auxiliary set, test on each test set over the prompt seeds. It prints what it
-    did when it runs (a cell read from the store prints nothing: the grid's line counts it as stored)."""
+    did when it runs (a cell read from the store prints nothing: the grid's line counts it as stored).
+    `text_source`: a model on the run's CLIP, whose cache of class embeddings every variant shares (encoded once
+    per process: a cache, the results do not depend on it)."""
+    clip = text_source.text.clip
     model = inctrl_cfg.build("inctrl", clip=clip, train_seed=cfg.train_seed, **cell["model"])
+    model.share_text_cache(text_source)
     config = inctrl_recipe.InCTRLTrainingConfig(shots=shots, epochs=epochs, steps_per_epoch=steps_per_epoch,
                                                 seed=cfg.train_seed, select_epoch=select_epoch, **cell["training"])
     with warnings.catch_warnings(record=True) as caught:  # the "reference batch reshape" variant warns by design
@@ -145,6 +149,7 @@ def train_and_test(cell: dict, clip, test_data: dict, prompt_sets: dict) -> pd.D
         scorer = inctrl_cfg.build("inctrl", clip=clip, train_seed=cfg.train_seed,
                                   **{**cell["model"], "batch_reshape": "per_sample"})
         scorer.load_head_state(model.head_state(), source="of the reference-reshape training")
+        scorer.share_text_cache(text_source)
     frames = []
     for test_set in cell["test_sets"]:
         rows = inctrl_recipe.evaluate({shots: scorer}, test_data[test_set], prompt_sets[test_set], dataset=test_set,
@@ -160,7 +165,8 @@ def train_and_test(cell: dict, clip, test_data: dict, prompt_sets: dict) -> pd.D
 cells = [{"train_set": train_set, "test_sets": list(tests), "variant": variant, "model": overrides,
           "training": training} for train_set, tests in runs for variant, (overrides, training) in chosen.items()]
 frames = run_grid(train_and_test, cells, store=output / "grid_cells" / "ablations",
-                  shared={"clip": clip, "test_data": test_data, "prompt_sets": prompt_sets},
+                  shared={"text_source": inctrl_cfg.build("inctrl", clip=clip, train_seed=cfg.train_seed),
+                          "test_data": test_data, "prompt_sets": prompt_sets},
                   context={**inctrl_cfg.settings(), "shots": shots, "prompt_seeds": prompt_seeds, "epochs": epochs,
                            "steps_per_epoch": steps_per_epoch, "select_epoch": select_epoch, "resize": resize,
                            "cache_dtype": cache_dtype},
