@@ -142,7 +142,7 @@ def train_and_test(cell: dict, clip) -> pd.DataFrame:
                           .assign(variant=cell["variant"], jas="global only (its own score)", overrides="{}",
                                   fidelity=fidelity_of("anomalyclip")))
         return pd.concat(frames, ignore_index=True)
-    switches = cell["switches"]
+    switches = {name: cell["switches"][name] for name in axes_values}  # the axes' order (cells sort their keys)
     model = cfg.build("headclip", clip=clip, lhw_last_n=last_n, **switches)
     if cell["trained"]:
         fit(model, train_samples, train_config, cache_root=cache_root or None, cache_dtype=cache_dtype,

@@ -70,6 +70,9 @@ def test_switches_notebook_runs_a_reduced_grid_with_every_jas_setting(tmp_path: 
     assert set(results["variant"]) == {"untrained (identity head weights)", "scalar / both / all", "scalar / vv / all",
                                        "AnomalyCLIP (trained prompts only)"}
     headclip_rows = results[results.method == "headclip"]
+    # the switches in the axes' order, as the serial loop wrote them (grid cells store their keys sorted)
+    assert list(results.columns[-3:]) == ["lhw_parameterisation", "lhw_placement", "lhw_layers"]
+    assert headclip_rows.overrides.str.startswith('{"lhw_parameterisation"').all()
     assert set(headclip_rows["jas"]) == {"β=0.5, max", "β=1 (global only)"}
     assert set(headclip_rows["fidelity"]) == {"reconstructed"}
     assert set(results.loc[results.variant.str.startswith("untrained"), "train_set"]) == {"none"}
