@@ -57,6 +57,8 @@ checkpoints = {}  # {auxiliary set: adapters (.safetensors of save_adapters, or 
 official_epoch = 15  # the image_adapter_<epoch>.pth of an official save_path folder (15: the authors' choice)
 cache_root = ""  # feature cache of stage 1; empty: .cache/features
 retrain = False  # True: train from scratch even where checkpoints exist (the runner's --force sets it)
+executor = "local"  # "dask": the (auxiliary set, data regime) cells are tasks on a Dask cluster (zsadkit.grid.run_grid)
+scheduler = ""  # Dask scheduler address for executor "dask"; "": a local cluster
 
 # %%
 from dataclasses import replace
@@ -65,7 +67,8 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from zsadkit.experiment import RunConfig, interactive_session, load_split
+from zsadkit.experiment import RunConfig, load_split
+from zsadkit.grid import run_grid
 from zsadkit.protocols import (
     beside_published,
     domain,
@@ -101,47 +104,66 @@ print(f"stage 1: {stage1}\nstage 2: {stage2}")
 
 # %% [markdown]
 # ## Train (or load) the adapters, then test zero-shot
+# One grid cell per (auxiliary set, data regime), computed serially or as Dask tasks (`executor`, `scheduler`) and
+# stored as it finishes under aaclip/grid_cells/regimes/: a rerun computes only the missing cells (and a training
+# interrupted mid-way resumes from its per-epoch checkpoints).
 
 # %%
-all_rows, training_logs = [], []
-for run_index, (train_set, test_sets) in enumerate(runs):
-    for regime in (regimes if run_index == 0 else ["full"]):
-        shots = regime if regime == "full" else int(regime)
-        label = f"{train_set}_{regime}{'-shot' if regime != 'full' else ''}"
-        model = cfg.build("aaclip", clip=clip)
-        if train_set in checkpoints and regime == "full":
-            checkpoint = str(checkpoints[train_set])
-            folder = Path(checkpoint).is_dir()
-            model.load_checkpoint(checkpoint, epoch=official_epoch if folder else None)
-            saved = None if folder else saved_epoch(checkpoint)  # .safetensors: the epoch in its metadata
-            choice_epoch = official_epoch if folder else (saved.epoch if saved else None)
-            selected_on_test = (official_epoch == REFERENCE_EPOCH) if folder else bool(saved and saved.selected_on_test)
-            print(f"{train_set}: adapters loaded from {checkpoint}"
-                  + (f" (epoch {choice_epoch}{', chosen on test results' if selected_on_test else ''})"
-                     if choice_epoch is not None else " (no epoch recorded)"))
-        else:
-            samples = training_samples(load_split(cfg, train_set, split="test", protocol="aaclip"), shots,
-                                       seed=cfg.train_seed, write_to=output / f"train_samples_{label}.csv")
-            run = fit(model, samples, stage1, stage2, checkpoint_dir=output / "checkpoints" / label,
-                      cache_root=cache_root or None, device=cfg.device, progress=interactive_session())
-            choice = choose_epoch(epoch_policy, stage2.epochs)
-            checkpoint = str(load_epoch(model, run, choice.epoch))
-            choice_epoch, selected_on_test = choice.epoch, choice.selected_on_test
-            model.save_adapters(output / f"adapters_{label}.safetensors",
-                                metadata={"train_set": train_set, "regime": str(regime), "epoch": str(choice.epoch),
-                                          "epoch_selected_on_test": str(choice.selected_on_test)})
-            training_logs += [{"train_set": train_set, "regime": regime, **row} for row in run.log]
-            print(f"{label}: {len(samples)} training images; stage 1 {run.stage1.describe()}, stage 2 "
-                  f"{run.stage2.describe()}; reporting epoch {choice.epoch} ({choice.reason})")
-        for test_set in test_sets:
-            rows = evaluate(model, load_split(cfg, test_set, split="test", protocol="aaclip"), dataset=test_set,
-                            domain=domain(test_set), batch_size=cfg.batch_size, device=cfg.device)
-            rows = rows.assign(train_regime=str(regime), epoch=choice_epoch, epoch_selected_on_test=selected_on_test)
-            all_rows.append(tidy(rows, cfg.provenance("aaclip", train_set=train_set, checkpoint=checkpoint,
-                                                      train_seed=cfg.train_seed)))
-results = pd.concat(all_rows, ignore_index=True)
-pd.DataFrame(training_logs).to_csv(output / "training_log.csv", index=False)
-print(model.config)
+def train_and_test(cell: dict, clip) -> dict:
+    """One data regime of one auxiliary set: train the adapters (or load them), then test on each test set. Prints
+    what it did when it runs (a cell read from the store prints nothing: the grid's line counts it as stored)."""
+    train_set, regime = cell["train_set"], cell["regime"]
+    shots = regime if regime == "full" else int(regime)
+    label = f"{train_set}_{regime}{'-shot' if regime != 'full' else ''}"
+    model = cfg.build("aaclip", clip=clip)
+    log = []
+    if cell["checkpoint"]:
+        checkpoint = cell["checkpoint"]
+        folder = Path(checkpoint).is_dir()
+        model.load_checkpoint(checkpoint, epoch=official_epoch if folder else None)
+        saved = None if folder else saved_epoch(checkpoint)  # .safetensors: the epoch in its metadata
+        choice_epoch = official_epoch if folder else (saved.epoch if saved else None)
+        selected_on_test = (official_epoch == REFERENCE_EPOCH) if folder else bool(saved and saved.selected_on_test)
+        print(f"{train_set}: adapters loaded from {checkpoint}"
+              + (f" (epoch {choice_epoch}{', chosen on test results' if selected_on_test else ''})"
+                 if choice_epoch is not None else " (no epoch recorded)"))
+    else:
+        samples = training_samples(load_split(cfg, train_set, split="test", protocol="aaclip"), shots,
+                                   seed=cfg.train_seed, write_to=output / f"train_samples_{label}.csv")
+        run = fit(model, samples, stage1, stage2, checkpoint_dir=output / "checkpoints" / label,
+                  cache_root=cache_root or None, device=cfg.device)
+        choice = choose_epoch(epoch_policy, stage2.epochs)
+        checkpoint = str(load_epoch(model, run, choice.epoch))
+        choice_epoch, selected_on_test = choice.epoch, choice.selected_on_test
+        model.save_adapters(output / f"adapters_{label}.safetensors",
+                            metadata={"train_set": train_set, "regime": str(regime), "epoch": str(choice.epoch),
+                                      "epoch_selected_on_test": str(choice.selected_on_test)})
+        log = [{"train_set": train_set, "regime": regime, **row} for row in run.log]
+        print(f"{label}: {len(samples)} training images; stage 1 {run.stage1.describe()}, stage 2 "
+              f"{run.stage2.describe()}; reporting epoch {choice.epoch} ({choice.reason})")
+    frames = []
+    for test_set in cell["test_sets"]:
+        rows = evaluate(model, load_split(cfg, test_set, split="test", protocol="aaclip"), dataset=test_set,
+                        domain=domain(test_set), batch_size=cfg.batch_size, device=cfg.device)
+        rows = rows.assign(train_regime=str(regime), epoch=choice_epoch, epoch_selected_on_test=selected_on_test)
+        frames.append(tidy(rows, cfg.provenance("aaclip", train_set=train_set, checkpoint=checkpoint,
+                                                train_seed=cfg.train_seed)))
+    return {"rows": frames, "log": log, "config": str(model.config)}
+
+
+cells = [{"train_set": train_set, "test_sets": list(test_sets), "regime": regime,
+          "checkpoint": str(checkpoints[train_set]) if train_set in checkpoints and regime == "full" else ""}
+         for run_index, (train_set, test_sets) in enumerate(runs)
+         for regime in (regimes if run_index == 0 else ["full"])]
+outcomes = run_grid(train_and_test, cells, store=output / "grid_cells" / "regimes", shared={"clip": clip},
+                    context={**cfg.settings(), "stage1_epochs": stage1_epochs, "stage2_epochs": stage2_epochs,
+                             "stage1_lr": stage1_lr, "stage2_lr": stage2_lr, "stage1_batch_size": stage1_batch_size,
+                             "stage2_batch_size": stage2_batch_size, "epoch_policy": epoch_policy,
+                             "official_epoch": official_epoch},
+                    executor=cfg.executor, scheduler=cfg.scheduler, resources=cfg.cell_resources, recompute=retrain)
+results = pd.concat([frame for outcome in outcomes for frame in outcome["rows"]], ignore_index=True)
+pd.DataFrame([row for outcome in outcomes for row in outcome["log"]]).to_csv(output / "training_log.csv", index=False)
+print(outcomes[-1]["config"])
 
 # %% [markdown]
 # ## Per-class and mean tables, industrial and medical

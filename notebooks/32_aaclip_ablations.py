@@ -46,6 +46,8 @@ variants = []  # names of the grid rows to run; empty: all
 runs = []  # [[auxiliary set, [test sets]], ...]; empty: [["visa", ["mvtec"]]] or synthetic
 cache_root = ""  # feature cache of stage 1; empty: .cache/features
 retrain = False  # True: train from scratch even where checkpoints exist (the runner's --force sets it)
+executor = "local"  # "dask": the grid's distinct trainings are tasks on a Dask cluster (zsadkit.grid.run_grid)
+scheduler = ""  # Dask scheduler address for executor "dask"; "": a local cluster
 
 # %%
 import json
@@ -55,6 +57,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from zsadkit.experiment import RunConfig, load_split
+from zsadkit.grid import run_grid
 from zsadkit.protocols import beside_published, domain, protocol, published_dataset_name, reported
 from zsadkit.recipes.aaclip import STAGE1, STAGE2, choose_epoch, evaluate, fit, load_epoch, training_samples
 from zsadkit.results import tidy, write_results
@@ -94,34 +97,57 @@ pd.DataFrame(grid, columns=["variant", "reading", "overrides", "epoch policy", "
 
 # %% [markdown]
 # ## Train and test every row
-# Rows that differ only in how they are evaluated (the epoch, the fusion) reuse the reference row's training.
+# Rows that differ only in how they are evaluated (the epoch, the fusion) reuse the reference row's training: one
+# grid cell per distinct (auxiliary set, overrides) training, which evaluates every row that shares it. Cells run
+# serially or as Dask tasks (`executor`, `scheduler`) and are stored under aaclip/grid_cells/ablations/: a rerun
+# computes only the missing ones; the rows keep the grid's order.
 
 # %%
-rows, trained = [], {}
-for train_set, test_sets in runs:
-    samples = training_samples(load_split(cfg, train_set, split="test", protocol="aaclip"),
-                               train_shots if train_shots == "full" else int(train_shots), seed=cfg.train_seed,
-                               write_to=output / f"ablation_train_samples_{train_set}.csv")
-    for variant, reading, overrides, policy, fusion, _ in grid:
-        key = (train_set, json.dumps(overrides, sort_keys=True))
-        model = cfg.build("aaclip", clip=clip, **overrides)
-        folder = output / "ablation_checkpoints" / train_set / (
-            "-".join(f"{k}={v}" for k, v in sorted(overrides.items())) or "reference")
-        if key not in trained:
-            trained[key] = fit(model, samples, stage1, stage2, checkpoint_dir=folder, cache_root=cache_root or None,
-                               device=cfg.device)
-        else:
-            model.load_checkpoint(folder / "stage1" / f"epoch_{stage1.epochs:03d}.safetensors")
-        choice = choose_epoch(policy, stage2.epochs)
-        checkpoint = load_epoch(model, trained[key], choice.epoch)
-        for test_set in test_sets:
+def train_and_test(cell: dict, clip, samples: dict) -> dict:
+    """One training (the cell's overrides on its auxiliary set), then every grid row that shares it, on each test
+    set: {variant: rows}."""
+    train_set, overrides = cell["train_set"], cell["overrides"]
+    model = cfg.build("aaclip", clip=clip, **overrides)
+    folder = output / "ablation_checkpoints" / train_set / (
+        "-".join(f"{k}={v}" for k, v in sorted(overrides.items())) or "reference")
+    run = fit(model, samples[train_set], stage1, stage2, checkpoint_dir=folder, cache_root=cache_root or None,
+              device=cfg.device)
+    frames = {}
+    for row in cell["rows"]:
+        choice = choose_epoch(row["policy"], stage2.epochs)
+        checkpoint = load_epoch(model, run, choice.epoch)
+        frames[row["variant"]] = []
+        for test_set in cell["test_sets"]:
             result = evaluate(model, load_split(cfg, test_set, split="test", protocol="aaclip"), dataset=test_set,
-                              domain=domain(test_set), batch_size=cfg.batch_size, device=cfg.device, fusion=fusion)
-            result = result.assign(variant=variant, reading=reading, overrides=json.dumps(overrides),
-                                   fusion=fusion or model.config.image_score_fusion, epoch=choice.epoch,
+                              domain=domain(test_set), batch_size=cfg.batch_size, device=cfg.device,
+                              fusion=row["fusion"])
+            result = result.assign(variant=row["variant"], reading=row["reading"], overrides=json.dumps(overrides),
+                                   fusion=row["fusion"] or model.config.image_score_fusion, epoch=choice.epoch,
                                    epoch_selected_on_test=choice.selected_on_test)
-            rows.append(tidy(result, cfg.provenance("aaclip", train_set=train_set, checkpoint=str(checkpoint),
-                                                    train_seed=cfg.train_seed)))
+            frames[row["variant"]].append(tidy(result, cfg.provenance(
+                "aaclip", train_set=train_set, checkpoint=str(checkpoint), train_seed=cfg.train_seed)))
+    return frames
+
+
+samples, trainings = {}, {}
+for train_set, test_sets in runs:
+    samples[train_set] = training_samples(
+        load_split(cfg, train_set, split="test", protocol="aaclip"),
+        train_shots if train_shots == "full" else int(train_shots), seed=cfg.train_seed,
+        write_to=output / f"ablation_train_samples_{train_set}.csv")
+    for variant, reading, overrides, policy, fusion, _ in grid:
+        cell = trainings.setdefault((train_set, json.dumps(overrides, sort_keys=True)),
+                                    {"train_set": train_set, "test_sets": list(test_sets), "overrides": overrides,
+                                     "rows": []})
+        cell["rows"].append({"variant": variant, "reading": reading, "policy": policy, "fusion": fusion})
+outcomes = run_grid(train_and_test, list(trainings.values()), store=output / "grid_cells" / "ablations",
+                    shared={"clip": clip, "samples": samples},
+                    context={**cfg.settings(), "stage1_epochs": stage1_epochs, "stage2_epochs": stage2_epochs,
+                             "stage1_lr": stage1_lr, "stage2_lr": stage2_lr, "train_shots": train_shots},
+                    executor=cfg.executor, scheduler=cfg.scheduler, resources=cfg.cell_resources, recompute=retrain)
+frames = {(cell["train_set"], variant): rows for cell, outcome in zip(trainings.values(), outcomes, strict=True)
+          for variant, rows in outcome.items()}
+rows = [frame for train_set, _ in runs for variant, *_ in grid for frame in frames[(train_set, variant)]]
 results = pd.concat(rows, ignore_index=True)
 write_results(results, output / "ablations.csv")
 table = reported(results[results.class_name == "mean"], "aaclip", pro=None)

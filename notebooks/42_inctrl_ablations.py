@@ -23,6 +23,8 @@
 #   image branch changes (`image_residual_op`).
 # * **no holistic head** (ours): s(x) = the mean of s_p, s_i, s_a.
 # * **reference batch reshape** (the reference code's layout at training batch 16: samples and layers mixed),
+#   trained scrambled and tested with the per-sample layout, as the reference tests (at batch 1: its heads are
+#   copied into a model with `batch_reshape="per_sample"`, so the test batch of 8 does not scramble),
 #   **textbook focal loss** (instead of focal on sigmoid outputs), **query excluded from its prompts**.
 #
 # Table 3's dataset columns and K are unverified; the default K is 2. In the `smoke` profile (random tiny CLIP,
@@ -51,6 +53,9 @@ runs = []  # empty: the protocol's ablation runs, or the synthetic sets
 variants = []  # names from the grid below; empty: all
 cache_root = ""
 cache_dtype = "float32"
+executor = "local"  # "dask": the (auxiliary set, variant) cells are tasks on a Dask cluster (zsadkit.grid.run_grid)
+retrain = False  # True: recompute every grid cell even where stored (the runner's --force sets it)
+scheduler = ""  # Dask scheduler address for executor "dask"; "": a local cluster
 
 # %%
 import warnings
@@ -60,6 +65,7 @@ import pandas as pd
 
 from zsadkit.engine import draw_reference_sets, write_reference_sets
 from zsadkit.experiment import RunConfig, load_split
+from zsadkit.grid import run_grid
 from zsadkit.protocols import beside_published, protocol, published_dataset_name
 from zsadkit.recipes import inctrl as inctrl_recipe
 from zsadkit.results import tidy, write_results
@@ -107,6 +113,9 @@ pd.DataFrame([{"variant": name, "model": overrides, "training": training}
 
 # %% [markdown]
 # ## Train each variant on the auxiliary set, test on the same prompt sets
+# One grid cell per (auxiliary set, variant), computed serially or as Dask tasks (`executor`, `scheduler`) and
+# stored as it finishes under inctrl/grid_cells/ablations/: a rerun computes only the missing cells, and the rows
+# are written in the grid's order.
 
 # %%
 test_sets = sorted({name for _, tests in runs for name in tests})
@@ -115,31 +124,54 @@ prompt_sets = {}
 for name, (test, train) in data.items():
     prompt_sets[name] = draw_reference_sets(train, {s.class_name for s in test}, [shots], prompt_seeds)
     write_reference_sets(prompt_sets[name], output / "ablation_prompt_sets" / f"{name}.json", dataset=name)
-all_rows, first_model = [], None
-for train_set, tests in runs:
-    auxiliary = inctrl_recipe.auxiliary_samples(load, train_set)
-    for variant, (overrides, training) in chosen.items():
-        model = inctrl_cfg.build("inctrl", clip=clip, train_seed=cfg.train_seed, **overrides)
-        first_model = first_model or model
-        model.share_text_cache(first_model)  # the class embeddings are encoded once for every variant
-        config = inctrl_recipe.InCTRLTrainingConfig(shots=shots, epochs=epochs, steps_per_epoch=steps_per_epoch,
-                                                    seed=cfg.train_seed, select_epoch=select_epoch, **training)
-        with warnings.catch_warnings(record=True) as caught:  # the "reference batch reshape" variant warns by design
-            warnings.simplefilter("always")
-            result = inctrl_recipe.fit(model, auxiliary, config, cache_root=cache_root or None,
-                                       cache_dtype=cache_dtype, resize=resize, device=cfg.device)
-            for test_set in tests:
-                rows = inctrl_recipe.evaluate({shots: model}, data[test_set][0], prompt_sets[test_set],
-                                              dataset=test_set, batch_size=cfg.batch_size, device=cfg.device,
-                                              resize=resize)
-                for (k, seed), frame in rows.items():
-                    all_rows.append(tidy(frame, inctrl_cfg.provenance(
-                        "inctrl", train_set=train_set, shots=k, train_seed=cfg.train_seed, reference_seed=seed))
-                        .assign(variant=variant))
-        for message in dict.fromkeys(str(w.message) for w in caught):
-            print(f"{variant}, as expected: {message}")
-        print(f"{variant}: trained on {train_set} ({result.log[-1]['loss']:.3f} last loss), tested on {tests}")
-results = pd.concat(all_rows, ignore_index=True)
+test_data = {name: test for name, (test, _) in data.items()}
+
+
+def train_and_test(cell: dict, text_source, test_data: dict, prompt_sets: dict) -> pd.DataFrame:
+    """One variant: train on the auxiliary set, test on each test set over the prompt seeds. It prints what it
+    did when it runs (a cell read from the store prints nothing: the grid's line counts it as stored).
+    `text_source`: a model on the run's CLIP, whose cache of class embeddings every variant shares (encoded once
+    per process: a cache, the results do not depend on it)."""
+    clip = text_source.text.clip
+    model = inctrl_cfg.build("inctrl", clip=clip, train_seed=cfg.train_seed, **cell["model"])
+    model.share_text_cache(text_source)
+    config = inctrl_recipe.InCTRLTrainingConfig(shots=shots, epochs=epochs, steps_per_epoch=steps_per_epoch,
+                                                seed=cfg.train_seed, select_epoch=select_epoch, **cell["training"])
+    with warnings.catch_warnings(record=True) as caught:  # the "reference batch reshape" variant warns by design
+        warnings.simplefilter("always")
+        result = inctrl_recipe.fit(model, inctrl_recipe.auxiliary_samples(load, cell["train_set"]), config,
+                                   cache_root=cache_root or None, cache_dtype=cache_dtype, resize=resize,
+                                   device=cfg.device)
+    for message in dict.fromkeys(str(w.message) for w in caught):
+        print(f"{cell['variant']}, as expected: {message}")
+    scorer = model
+    if model.config.batch_reshape == "reference":  # trained scrambled, tested per sample (the reference: batch 1)
+        scorer = inctrl_cfg.build("inctrl", clip=clip, train_seed=cfg.train_seed,
+                                  **{**cell["model"], "batch_reshape": "per_sample"})
+        scorer.load_head_state(model.head_state(), source="of the reference-reshape training")
+        scorer.share_text_cache(text_source)
+    frames = []
+    for test_set in cell["test_sets"]:
+        rows = inctrl_recipe.evaluate({shots: scorer}, test_data[test_set], prompt_sets[test_set], dataset=test_set,
+                                      batch_size=cfg.batch_size, device=cfg.device, resize=resize)
+        frames += [tidy(frame, inctrl_cfg.provenance("inctrl", train_set=cell["train_set"], shots=k,
+                                                     train_seed=cfg.train_seed, reference_seed=seed))
+                   for (k, seed), frame in rows.items()]
+    print(f"{cell['variant']}: {result.describe()} on {cell['train_set']} ({result.log[-1]['loss']:.3f} last loss), "
+          f"tested on {cell['test_sets']}" + (" with the per-sample layout" if scorer is not model else ""))
+    return pd.concat(frames, ignore_index=True).assign(variant=cell["variant"])
+
+
+cells = [{"train_set": train_set, "test_sets": list(tests), "variant": variant, "model": overrides,
+          "training": training} for train_set, tests in runs for variant, (overrides, training) in chosen.items()]
+frames = run_grid(train_and_test, cells, store=output / "grid_cells" / "ablations",
+                  shared={"text_source": inctrl_cfg.build("inctrl", clip=clip, train_seed=cfg.train_seed),
+                          "test_data": test_data, "prompt_sets": prompt_sets},
+                  context={**inctrl_cfg.settings(), "shots": shots, "prompt_seeds": prompt_seeds, "epochs": epochs,
+                           "steps_per_epoch": steps_per_epoch, "select_epoch": select_epoch, "resize": resize,
+                           "cache_dtype": cache_dtype},
+                  executor=cfg.executor, scheduler=cfg.scheduler, resources=cfg.cell_resources, recompute=retrain)
+results = pd.concat(frames, ignore_index=True)
 write_results(results, output / "ablations.csv")
 
 # %% [markdown]

@@ -64,6 +64,9 @@ mad_image_metrics = []  # empty: the protocol's (AUROC, AP)
 pro = "cflow200"
 cache_root = ""
 cache_dtype = "float32"
+executor = "local"  # "dask": the (auxiliary set, variant) cells are tasks on a Dask cluster (zsadkit.grid.run_grid)
+retrain = False  # True: recompute every grid cell even where stored (the runner's --force sets it)
+scheduler = ""  # Dask scheduler address for executor "dask"; "": a local cluster
 
 # %%
 import itertools
@@ -73,6 +76,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from zsadkit.experiment import RunConfig, load_split
+from zsadkit.grid import run_grid
 from zsadkit.methods.headclip import FIDELITY
 from zsadkit.protocols import protocol
 from zsadkit.recipes import anomalyclip as anomalyclip_recipe
@@ -114,37 +118,57 @@ print(f"{len(combinations)} trained variants × {len(jas_settings)} JAS settings
 # %% [markdown]
 # ## Run
 # Every variant is trained with the same schedule and seed; the image-encoder blocks before its first weighted
-# layer come from the feature cache.
+# layer come from the feature cache. One grid cell per (auxiliary set, variant), the untrained model and the
+# AnomalyCLIP reference included, computed serially or as Dask tasks (`executor`, `scheduler`) and stored under
+# headclip/grid_cells/switches/: a rerun computes only the missing cells; the rows keep the grid's order.
 
 # %%
-all_rows = []
-for train_set, test_sets in runs:
-    train_samples = load_split(cfg, train_set, split="test")[::subsample]
-    test_samples = {name: load_split(cfg, name, split="test")[::subsample] for name in test_sets}
+def train_and_test(cell: dict, clip) -> pd.DataFrame:
+    """One variant: train it on the auxiliary set (unless untrained), test it on each test set under every JAS
+    setting (HeadCLIP) or with its own score (the AnomalyCLIP reference)."""
+    train_samples = load_split(cfg, cell["train_set"], split="test")[::subsample]
     train_config = TrainConfig(epochs=epochs, batch_size=train_batch_size, lr=learning_rate, seed=cfg.train_seed)
-    entries = [("untrained (identity head weights)", base, False)] + [(label(c), c, True) for c in combinations]
-    for variant, switches, trained in entries:
-        model = cfg.build("headclip", clip=clip, lhw_last_n=last_n, **switches)
-        if trained:
-            fit(model, train_samples, train_config, cache_root=cache_root or None, cache_dtype=cache_dtype,
-                device=cfg.device)
-        provenance = cfg.provenance("headclip", train_set=train_set if trained else "none", train_seed=cfg.train_seed)
-        for test_set, samples in test_samples.items():
-            rows = evaluate_jas(model, samples, jas_settings, dataset=test_set, batch_size=cfg.batch_size,
-                                device=cfg.device, pro=pro, cache_root=cache_root or None, cache_dtype=cache_dtype)
-            all_rows.append(tidy(rows, provenance).assign(variant=variant, overrides=json.dumps(switches),
-                                                          fidelity=FIDELITY, **switches))
-        print(f"{train_set}: {variant} done")
-    anomalyclip = cfg.build("anomalyclip", clip=clip)
-    anomalyclip_recipe.fit(anomalyclip, train_samples, train_config, cache_root=cache_root or None,
-                           cache_dtype=cache_dtype, device=cfg.device)
-    for test_set, samples in test_samples.items():
-        rows = anomalyclip_recipe.evaluate(anomalyclip, samples, dataset=test_set, batch_size=cfg.batch_size,
-                                           device=cfg.device, pro=pro, cache_root=cache_root or None,
-                                           cache_dtype=cache_dtype)
-        all_rows.append(tidy(rows, cfg.provenance("anomalyclip", train_set=train_set, train_seed=cfg.train_seed))
-                        .assign(variant="AnomalyCLIP (trained prompts only)", jas="global only (its own score)",
-                                overrides="{}", fidelity=fidelity_of("anomalyclip")))
+    frames = []
+    if cell["method"] == "anomalyclip":
+        anomalyclip = cfg.build("anomalyclip", clip=clip)
+        anomalyclip_recipe.fit(anomalyclip, train_samples, train_config, cache_root=cache_root or None,
+                               cache_dtype=cache_dtype, device=cfg.device)
+        for test_set in cell["test_sets"]:
+            rows = anomalyclip_recipe.evaluate(anomalyclip, load_split(cfg, test_set, split="test")[::subsample],
+                                               dataset=test_set, batch_size=cfg.batch_size, device=cfg.device,
+                                               pro=pro, cache_root=cache_root or None, cache_dtype=cache_dtype)
+            frames.append(tidy(rows, cfg.provenance("anomalyclip", train_set=cell["train_set"],
+                                                    train_seed=cfg.train_seed))
+                          .assign(variant=cell["variant"], jas="global only (its own score)", overrides="{}",
+                                  fidelity=fidelity_of("anomalyclip")))
+        return pd.concat(frames, ignore_index=True)
+    switches = {name: cell["switches"][name] for name in axes_values}  # the axes' order (cells sort their keys)
+    model = cfg.build("headclip", clip=clip, lhw_last_n=last_n, **switches)
+    if cell["trained"]:
+        fit(model, train_samples, train_config, cache_root=cache_root or None, cache_dtype=cache_dtype,
+            device=cfg.device)
+    provenance = cfg.provenance("headclip", train_set=cell["train_set"] if cell["trained"] else "none",
+                                train_seed=cfg.train_seed)
+    for test_set in cell["test_sets"]:
+        rows = evaluate_jas(model, load_split(cfg, test_set, split="test")[::subsample], jas_settings,
+                            dataset=test_set, batch_size=cfg.batch_size, device=cfg.device, pro=pro,
+                            cache_root=cache_root or None, cache_dtype=cache_dtype)
+        frames.append(tidy(rows, provenance).assign(variant=cell["variant"], overrides=json.dumps(switches),
+                                                    fidelity=FIDELITY, **switches))
+    return pd.concat(frames, ignore_index=True)
+
+
+entries = [("untrained (identity head weights)", base, False)] + [(label(c), c, True) for c in combinations]
+cells = [cell for train_set, test_sets in runs for cell in (
+    [{"train_set": train_set, "test_sets": list(test_sets), "method": "headclip", "variant": variant,
+      "switches": switches, "trained": trained} for variant, switches, trained in entries]
+    + [{"train_set": train_set, "test_sets": list(test_sets), "method": "anomalyclip",
+        "variant": "AnomalyCLIP (trained prompts only)"}])]
+all_rows = run_grid(train_and_test, cells, store=output / "grid_cells" / "switches", shared={"clip": clip},
+                    context={**cfg.settings(), "epochs": epochs, "train_batch_size": train_batch_size,
+                             "learning_rate": learning_rate, "subsample": subsample, "last_n": last_n,
+                             "jas_settings": jas_settings, "pro": pro, "cache_dtype": cache_dtype},
+                    executor=cfg.executor, scheduler=cfg.scheduler, resources=cfg.cell_resources, recompute=retrain)
 results = pd.concat(all_rows, ignore_index=True)
 write_results(results, output / "switches.csv")
 print(f"wrote {output / 'switches.csv'}" + ("; random weights: pipeline check only" if not cfg.pretrained else ""))

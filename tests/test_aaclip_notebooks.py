@@ -40,8 +40,9 @@ def test_walkthrough_writes_the_disentanglement_batch_mixing_features_maps_and_f
 
 
 def test_tables_notebook_trains_tests_and_compares_with_the_authors_log(tmp_path: Path) -> None:
-    execute("31_aaclip_tables", tmp_path, regimes=[1], stage1_epochs=1, stage2_epochs=1, stage2_batch_size=4)
+    text = execute("31_aaclip_tables", tmp_path, regimes=[1], stage1_epochs=1, stage2_epochs=1, stage2_batch_size=4)
     output = tmp_path / "aaclip"
+    assert "grid: 1 cells, 1 distinct, 0 stored" in text and "synth-aux_1-shot: 4 training images" in text
     table = pd.read_csv(output / "industrial.csv")
     assert set(RESULT_COLUMNS) <= set(table.columns) and {"epoch", "epoch_selected_on_test"} <= set(table.columns)
     assert set(table["dataset"]) == {"synth-target"} and set(table["train_set"]) == {"synth-aux"}
@@ -73,8 +74,10 @@ def test_tables_notebook_trains_tests_and_compares_with_the_authors_log(tmp_path
 
 def test_ablations_notebook_runs_a_reduced_grid_with_readings_and_published_values(tmp_path: Path) -> None:
     variants = ["reference (official code)", "per-image score fusion"]
-    execute("32_aaclip_ablations", tmp_path, variants=variants, train_shots=1)
+    text = execute("32_aaclip_ablations", tmp_path, variants=variants, train_shots=1)
     output = tmp_path / "aaclip"
+    assert "grid: 1 cells, 1 distinct" in text  # one grid cell: the training both rows share
+    assert len(list((output / "grid_cells" / "ablations").glob("*.pkl"))) == 1
     results = pd.read_csv(output / "ablations.csv")
     assert set(results["variant"]) == set(variants)
     assert dict(results.groupby("variant")["reading"].first()) == {"reference (official code)": "code",

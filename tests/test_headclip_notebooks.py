@@ -64,14 +64,18 @@ def test_tables_notebook_writes_mad_with_its_definition_and_gains_beside_the_cla
 
 
 def test_switches_notebook_runs_a_reduced_grid_with_every_jas_setting(tmp_path: Path) -> None:
-    execute("52_headclip_switches", tmp_path, subsample=8, last_n=2, parameterisations=["scalar"],
+    text = execute("52_headclip_switches", tmp_path, subsample=8, last_n=2, parameterisations=["scalar"],
             placements=["both", "vv"], layer_choices=["all"],
             jas_settings={"β=0.5, max": {"jas_beta": 0.5}, "β=1 (global only)": {"jas_beta": 1.0}})
     output = tmp_path / "headclip"
+    assert "grid: 4 cells, 4 distinct, 0 stored" in text  # untrained, two trained variants, AnomalyCLIP
     results = pd.read_csv(output / "switches.csv")
     assert set(results["variant"]) == {"untrained (identity head weights)", "scalar / both / all", "scalar / vv / all",
                                        "AnomalyCLIP (trained prompts only)"}
     headclip_rows = results[results.method == "headclip"]
+    # the switches in the axes' order, as the serial loop wrote them (grid cells store their keys sorted)
+    assert list(results.columns[-3:]) == ["lhw_parameterisation", "lhw_placement", "lhw_layers"]
+    assert headclip_rows.overrides.str.startswith('{"lhw_parameterisation"').all()
     assert set(headclip_rows["jas"]) == {"β=0.5, max", "β=1 (global only)"}
     assert set(headclip_rows["fidelity"]) == {"reconstructed"}
     assert set(results.loc[results.variant.str.startswith("untrained"), "train_set"]) == {"none"}

@@ -234,3 +234,19 @@ def test_the_inctrl_protocol_is_data_tables_per_metric_names_and_published_shots
     grid = published_rows("inctrl_main_grid_todo")
     visa = grid.query("method == 'InCTRL' and dataset == 'VisA' and metric == 'auroc'")
     assert dict(zip(visa.shots, visa.published, strict=True)) == {2.0: 85.8, 4.0: 87.7, 8.0: 88.7}
+
+
+def test_reference_sets_record_the_official_prompt_files_that_replaced_a_draw(tiles, tmp_path):
+    classes = sorted({s.class_name for s in tiles["train"]})
+    sets = draw_reference_sets(tiles["train"], set(classes), [2], [0, 1])
+    sets[(2, 0)] = {name: torch.zeros(2, 3, SIZE, SIZE) for name in classes}  # the official files replace seed 0
+    with pytest.raises(ValueError, match="name its file in official_files"):
+        write_reference_sets(sets, tmp_path / "prompts.json")
+    files = {(2, 0): {name: f"official/{name}.pt" for name in classes}}
+    path = write_reference_sets(sets, tmp_path / "prompts.json", dataset="tiles", official_files=files)
+    rows = {(row["seed"], row["class_name"]): row for row in json.loads(path.read_text())["sets"]}
+    for name in classes:
+        assert rows[(0, name)] == {"shots": 2, "seed": 0, "class_name": name, "official_file": f"official/{name}.pt"}
+        assert rows[(1, name)]["images"] == [sample.image for sample in sets[(2, 1)][name]]
+    with pytest.raises(ValueError, match="official prompt file"):
+        read_reference_sets(path, tiles["train"])

@@ -173,12 +173,36 @@ def draw_reference_sets(
             for k in shots for seed in seeds}
 
 
-def write_reference_sets(sets: ReferenceSets, path: str | Path, dataset: str = "") -> Path:
-    """Write reference sets as JSON (image paths per K, seed and class), beside the results they produced."""
+def write_reference_sets(
+    sets: ReferenceSets, path: str | Path, dataset: str = "",
+    official_files: Mapping[tuple[int, int], Mapping[str, str]] | None = None,
+) -> Path:
+    """Write reference sets as JSON (image paths per K, seed and class), beside the results they produced.
+
+    Args:
+        sets: (K, seed) → class → the reference records, or a preprocessed prompt tensor loaded from a file.
+        path: the JSON file.
+        dataset: dataset name recorded in the file.
+        official_files: (K, seed) → class → the file a tensor of `sets` was loaded from (InCTRL's official
+            `<category>.pt`); its row records `official_file` instead of `images`.
+
+    Raises:
+        ValueError: a set that is not a list of records has no entry in `official_files`.
+    """
     path = Path(path)
+    official_files = official_files or {}
+    rows = []
+    for (k, seed), by_class in sorted(sets.items()):
+        for name, references in sorted(by_class.items()):
+            row = {"shots": k, "seed": seed, "class_name": name}
+            if name in official_files.get((k, seed), {}):
+                rows.append({**row, "official_file": str(official_files[(k, seed)][name])})
+            elif isinstance(references, (list, tuple)):
+                rows.append({**row, "images": [sample.image for sample in references]})
+            else:
+                raise ValueError(f"write_reference_sets: the set of class {name!r} at (K, seed) = {(k, seed)} is "
+                                 f"a {type(references).__name__}, not records; name its file in official_files")
     path.parent.mkdir(parents=True, exist_ok=True)
-    rows = [{"shots": k, "seed": seed, "class_name": name, "images": [sample.image for sample in samples]}
-            for (k, seed), by_class in sorted(sets.items()) for name, samples in sorted(by_class.items())]
     path.write_text(json.dumps({"format": REFERENCE_SETS_FORMAT, "dataset": dataset, "sets": rows}, indent=1))
     return path
 
@@ -192,6 +216,10 @@ def read_reference_sets(path: str | Path, train_samples: Sequence[Sample]) -> Re
     by_image = {(sample.class_name, sample.image): sample for sample in train_samples}
     sets: ReferenceSets = {}
     for row in data["sets"]:
+        if "official_file" in row:
+            raise ValueError(f"{path}: the set of class {row['class_name']!r} at (K, seed) = "
+                             f"{(row['shots'], row['seed'])} is the official prompt file {row['official_file']}, "
+                             "not records (zsadkit.methods.inctrl.load_official_prompt_set reads it)")
         missing = [image for image in row["images"] if (row["class_name"], image) not in by_image]
         if missing:
             raise ValueError(f"{path}: reference images of class {row['class_name']!r} are not among the training "

@@ -4,7 +4,7 @@ result the moment it finishes, so a rerun computes only the missing cells.
 A grid is a list of cells, each a JSON-serialisable dict of the parameters that vary (an ablation's configuration,
 a sweep value, a few-shot K and seed, a data regime). `run_grid(function, cells, ...)` calls
 `function(cell, **shared)` once per distinct cell and returns the results in the grid's order, whatever order the
-cells finished in. How a notebook uses it (`12_anomalyclip_ablations`, `20_baselines`):
+cells finished in. Every notebook grid uses it (`docs/cluster.md` lists the cells); e.g. notebook 12:
 
     # parameters cell: the two placement parameters; the runner injects them (`--executor dask`)
     executor = "local"  # "dask": the grid's cells run as tasks on a Dask cluster
