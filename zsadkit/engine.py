@@ -29,8 +29,9 @@ from zsadkit.data.transforms import ResizeMode
 from zsadkit.feature_cache import cached_rows
 from zsadkit.methods.base import Detector, FeatureModel, Prediction
 from zsadkit.metrics import Evaluator
+from zsadkit.models.runtime import check_precision, inference
 
-__all__ = ["ReferenceSets", "draw_reference_sets", "evaluate", "evaluate_cached", "evaluate_few_shot", "predict",
+__all__ = ["ReferenceSets", "compile_tower", "draw_reference_sets", "evaluate", "evaluate_cached", "evaluate_few_shot", "predict",
            "read_reference_sets", "sample_references", "score_predictions", "write_reference_sets"]
 
 #: (shots, seed) → class name → the K normal reference samples of that class.
@@ -38,7 +39,6 @@ ReferenceSets = dict[tuple[int, int], dict[str, list[Sample]]]
 REFERENCE_SETS_FORMAT = "zsadkit-reference-sets/1"
 
 
-@torch.no_grad()
 def predict(
     detector: Detector,
     samples: Sequence[Sample],
@@ -48,15 +48,66 @@ def predict(
     device: str | torch.device = "cpu",
     progress: bool = False,
     resize: ResizeMode = "squash",
+    precision: str = "fp32",
+    num_workers: int = 0,
+    compile: bool = False,
+    keep_on_device: bool = False,
 ) -> Iterator[tuple[dict, Prediction]]:
-    """Yield (batch, prediction) pairs; the prediction's tensors are on the CPU. `resize`: how images are brought
-    to S × S (`zsadkit.data.transforms.image_transform`; "shorter_side_crop" in InCTRL's protocol)."""
-    loader = batches(samples, image_size, batch_size, resize=resize)
+    """Yield (batch, prediction) pairs of `detector` on `samples`, batch by batch.
+
+    Args:
+        detector: the method (its `predict` is called under `zsadkit.models.runtime.inference(precision)`:
+            `torch.inference_mode`, the image tower in `precision`, everything after it in float32).
+        samples: the images, brought to S × S by `resize` (`zsadkit.data.transforms.image_transform`;
+            "shorter_side_crop" in InCTRL's protocol).
+        image_size: S.
+        batch_size: images per forward pass.
+        device: where the detector runs.
+        progress: show a progress bar.
+        precision: "fp32" (default), "bf16" or "fp16" (`zsadkit.models.runtime.PRECISIONS`).
+        num_workers: loader processes decoding images while the detector computes (0 = in this process); on CUDA
+            the batches are pinned and copied without blocking.
+        compile: run the detector's image tower through `torch.compile` (`compile_tower`).
+        keep_on_device: leave the prediction's tensors on `device` (for the `Evaluator`'s device path); by default
+            they are moved to the CPU.
+    """
+    check_precision(precision)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    device = torch.device(device)
+    if compile:
+        compile_tower(detector)
+    pinned = device.type == "cuda"
+    loader = batches(samples, image_size, batch_size, num_workers=num_workers, resize=resize, pin_memory=pinned)
     with tqdm(total=len(loader), desc="predict", disable=not progress) as bar:  # not tqdm(loader): see training
         for batch in loader:
-            prediction = detector.predict(batch["image"].to(device), list(batch["class_name"]))
+            with inference(precision):
+                prediction = detector.predict(batch["image"].to(device, non_blocking=pinned),
+                                              list(batch["class_name"]))
             bar.update()
-            yield batch, Prediction(prediction.image_scores.float().cpu(), prediction.anomaly_maps.float().cpu())
+            # clone outside inference mode: ordinary tensors that callers may modify in place.
+            scores, maps = prediction.image_scores.float(), prediction.anomaly_maps.float()
+            if not keep_on_device:
+                scores, maps = scores.cpu(), maps.cpu()
+            yield batch, Prediction(scores.clone(), maps.clone())
+
+
+def compile_tower(detector: Detector) -> Detector:
+    """Wrap the detector's `VisualEncoder` blocks in `torch.compile` (once; the first batch pays the compilation).
+
+    Every method keeps its image tower as ``detector.visual`` (a `zsadkit.models.VisualEncoder`); each of its
+    residual blocks' MLP is compiled, the part that dominates the tower's time besides attention (which SDPA
+    already fuses). A detector without ``visual`` is returned unchanged.
+    """
+    visual = getattr(detector, "visual", None)
+    if visual is None or getattr(visual, "_zsadkit_compiled", False):
+        return detector
+    for block in visual.blocks:
+        block.mlp = torch.compile(block.mlp, dynamic=True)
+    visual._zsadkit_compiled = True
+    return detector
 
 
 def score_predictions(
