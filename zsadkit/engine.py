@@ -144,12 +144,15 @@ def evaluate(
     device: str | torch.device = "cpu",
     pro: str | None = "cflow200",
     progress: bool = False,
+    precision: str = "fp32",
 ) -> pd.DataFrame:
     """Per-class and mean metric rows (dataset, class_name, level, metric, value, note) of `detector`.
 
     Pixel metrics are computed only when the dataset has masks; image-level-only datasets give image rows.
+    `precision`: the image tower's, as in `predict`.
     """
-    pairs = predict(detector, samples, image_size=image_size, batch_size=batch_size, device=device, progress=progress)
+    pairs = predict(detector, samples, image_size=image_size, batch_size=batch_size, device=device, progress=progress,
+                    precision=precision)
     return score_predictions(pairs, dataset=dataset, has_masks=_has_masks(samples), pro=pro)
 
 
@@ -260,13 +263,14 @@ def evaluate_few_shot(
     progress: bool = False,
     references: Mapping[str, Sequence[Sample] | torch.Tensor] | None = None,
     resize: ResizeMode = "squash",
+    precision: str = "fp32",
 ) -> pd.DataFrame:
     """Metric rows of a detector with a per-class reference memory (WinCLIP+, VAND few-shot, InCTRL).
 
     For each test class, `detector.fit_references` receives K normal training images of that class
     (`sample_references` with `seed`, or `references[class]`: samples, e.g. from `draw_reference_sets`, or an
     already preprocessed (K, 3, S, S) tensor such as an official prompt file), then the class's test images are
-    scored (references and test images brought to S × S by `resize`). Rows as `evaluate`.
+    scored (references and test images brought to S × S by `resize`, the tower in `precision`). Rows as `evaluate`.
     """
 
     def reference_images(class_name: str) -> torch.Tensor:
@@ -285,6 +289,6 @@ def evaluate_few_shot(
             detector.fit_references(reference_images(class_name).to(device))
             class_samples = [s for s in test_samples if s.class_name == class_name]
             yield from predict(detector, class_samples, image_size=image_size, batch_size=batch_size, device=device,
-                               progress=progress, resize=resize)
+                               progress=progress, resize=resize, precision=precision)
 
     return score_predictions(pairs(), dataset=dataset, has_masks=_has_masks(test_samples), pro=pro)

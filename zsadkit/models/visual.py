@@ -293,18 +293,18 @@ class VisualEncoder(nn.Module):
             if start is None:
                 start = StreamState(1, self.embed(images))
             hidden, side, taps = self._run_blocks(start, last_layer, attention, *hooks, layers)
-            global_embedding = None
-            if return_global:
-                cls_token = hidden[:, 0]
-                if global_ln_post:
-                    cls_token = self.visual.ln_post(cls_token)
-                global_embedding = (cls_token @ self.visual.proj).float()
-            layer_tokens = tuple(self.project_tokens(taps[layer], tokens).float() for layer in layers)
+        hidden = hidden.float()  # ln_post and proj in float32 (the blocks may have run in bf16/fp16)
+        global_embedding = None
+        if return_global:
+            cls_token = hidden[:, 0]
+            if global_ln_post:
+                cls_token = self.visual.ln_post(cls_token)
+            global_embedding = cls_token @ self.visual.proj
         return VisualFeatures(
             layers=layers,
-            layer_tokens=layer_tokens,
+            layer_tokens=tuple(self.project_tokens(taps[layer].float(), tokens) for layer in layers),
             global_embedding=global_embedding,
-            final_tokens=hidden.float() if last_layer == num_layers else None,
+            final_tokens=hidden if last_layer == num_layers else None,
         )
 
     def stream_state(
@@ -445,11 +445,11 @@ class VisualEncoder(nn.Module):
             raise ValueError(f"window indices must lie in [0, {num_patches}) for a {self.grid_size}² grid")
         with tower_autocast(self.visual.proj.device):
             tokens = self.embed(images)
-            windows = windows.to(tokens.device).long()
-            step = windows.shape[0] if windows_per_pass is None else max(1, int(windows_per_pass))
-            embeddings = [self._encode_window_chunk(tokens, windows[start : start + step])
-                          for start in range(0, windows.shape[0], step)]
-        return torch.cat(embeddings, dim=1).float()
+        windows = windows.to(tokens.device).long()
+        step = windows.shape[0] if windows_per_pass is None else max(1, int(windows_per_pass))
+        embeddings = [self._encode_window_chunk(tokens, windows[start : start + step])
+                      for start in range(0, windows.shape[0], step)]
+        return torch.cat(embeddings, dim=1)
 
     def _encode_window_chunk(self, tokens: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
         """(B, 1+N, width) embedded tokens, (W, K) windows → (B, W, D) window CLS embeddings."""
@@ -458,7 +458,8 @@ class VisualEncoder(nn.Module):
         window_tokens = tokens[:, windows + 1]  # (B, W, K, width); +1 skips the CLS token
         class_tokens = tokens[:, :1].unsqueeze(1).expand(batch, num_windows, 1, width)
         sequences = torch.cat([class_tokens, window_tokens], dim=2).reshape(batch * num_windows, 1 + window_len, width)
-        for block in self.blocks:
-            sequences = block_forward(block, sequences)
-        embeddings = self.visual.ln_post(sequences[:, 0]) @ self.visual.proj
+        with tower_autocast(self.visual.proj.device):
+            for block in self.blocks:
+                sequences = block_forward(block, sequences)
+        embeddings = self.visual.ln_post(sequences[:, 0].float()) @ self.visual.proj
         return embeddings.view(batch, num_windows, -1)
