@@ -3,6 +3,7 @@ the metrics, `engine.predict` takes the switches and hands back ordinary tensors
 
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 import torch
 
@@ -98,3 +99,13 @@ def test_engine_predict_batch_size_changes_nothing_and_bad_settings_are_named() 
         next(engine.predict(detector, samples, image_size=64, precision="half"))
     with pytest.raises(ValueError, match="batch_size must be at least 1"):
         next(engine.predict(detector, samples, image_size=64, batch_size=0))
+
+
+def test_evaluate_with_metrics_on_device_gives_the_cpu_rows() -> None:
+    samples = load_split(RunConfig(), "synth-target")[:12]
+    detector = build_method("clip", backbone="zsad-tiny", image_size=64, backbone_seed=0)
+    options = dict(dataset="synth-target", image_size=64, batch_size=4, pro="cflow200")
+    on_device = engine.evaluate(detector, samples, metrics_on_device=True, **options)
+    on_cpu = engine.evaluate(detector, samples, **options)
+    assert set(on_cpu.level) == {"image", "pixel"}
+    pd.testing.assert_frame_equal(on_device, on_cpu)

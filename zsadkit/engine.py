@@ -111,20 +111,27 @@ def compile_tower(detector: Detector) -> Detector:
 
 
 def score_predictions(
-    pairs: Iterable[tuple[dict, Prediction]], *, dataset: str, has_masks: bool, pro: str | None = "cflow200"
+    pairs: Iterable[tuple[dict, Prediction]],
+    *,
+    dataset: str,
+    has_masks: bool,
+    pro: str | None = "cflow200",
+    metrics_device: str | torch.device | None = None,
 ) -> pd.DataFrame:
     """Metric rows of (batch, prediction) pairs, fed to the `Evaluator` one batch at a time.
 
     `batch` holds "class_name", "label", "mask" and, when known, "image_path" (named in metric errors).
+    `metrics_device`: compute the pixel ranking metrics where the maps are (`Evaluator(device=...)`); None: CPU.
     """
-    evaluator = Evaluator(dataset=dataset, pro=pro if has_masks else None)
+    evaluator = Evaluator(dataset=dataset, pro=pro if has_masks else None, device=metrics_device)
     for batch, prediction in pairs:
+        maps = prediction.anomaly_maps if metrics_device is not None else prediction.anomaly_maps.cpu()
         evaluator.update(
             list(batch["class_name"]),
             batch["label"],
             prediction.image_scores.cpu(),
             masks=batch["mask"] if has_masks else None,
-            maps=prediction.anomaly_maps.cpu() if has_masks else None,
+            maps=maps if has_masks else None,
             sample_ids=list(batch["image_path"]) if "image_path" in batch else None,
         )
     return evaluator.compute()
@@ -145,15 +152,18 @@ def evaluate(
     pro: str | None = "cflow200",
     progress: bool = False,
     precision: str = "fp32",
+    metrics_on_device: bool = False,
 ) -> pd.DataFrame:
     """Per-class and mean metric rows (dataset, class_name, level, metric, value, note) of `detector`.
 
     Pixel metrics are computed only when the dataset has masks; image-level-only datasets give image rows.
-    `precision`: the image tower's, as in `predict`.
+    `precision`: the image tower's, as in `predict`. `metrics_on_device`: keep the maps on `device` and sort the
+    pixels there (`Evaluator(device=...)`, identical values).
     """
     pairs = predict(detector, samples, image_size=image_size, batch_size=batch_size, device=device, progress=progress,
-                    precision=precision)
-    return score_predictions(pairs, dataset=dataset, has_masks=_has_masks(samples), pro=pro)
+                    precision=precision, keep_on_device=metrics_on_device)
+    return score_predictions(pairs, dataset=dataset, has_masks=_has_masks(samples), pro=pro,
+                             metrics_device=device if metrics_on_device else None)
 
 
 @torch.no_grad()
