@@ -156,8 +156,10 @@ def block_forward(block: nn.Module, hidden: torch.Tensor, attn_mask: torch.Tenso
     """An open_clip ``ResidualAttentionBlock`` on (B, N, W) tokens, its attention through `scaled_attention`.
 
     Equals ``block(hidden, attn_mask=attn_mask)`` (to float rounding): x + ls_1(attn(ln_1(x))), then
-    x + ls_2(mlp(ln_2(x))).
+    x + ls_2(mlp(ln_2(x))). Under the "module" kernel it is that call.
     """
+    if attention_kernel() == "module":
+        return block(hidden, attn_mask=attn_mask)
     q, k, v = project_qkv(block.attn, block.ln_1(hidden))
     hidden = hidden + block.ls_1(merge_heads(block.attn, head_attention(q, k, v, ("qk",), attn_mask=attn_mask)))
     return hidden + block.ls_2(block.mlp(block.ln_2(hidden)))

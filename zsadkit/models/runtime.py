@@ -10,7 +10,9 @@ None of these changes what a method computes, only how (and, for bf16/fp16, how 
   is allowed but slow.
 * Attention kernel (`ATTENTION_KERNELS`): "sdpa" (the default) runs every attention through
   `torch.nn.functional.scaled_dot_product_attention`, which on CPU and GPU never materialises the (N × N) attention
-  matrix; "explicit" writes out softmax(q kᵀ / √d) v, for parity checks (`explicit_attention()`).
+  matrix; "explicit" writes out softmax(q kᵀ / √d) v, for parity checks (`explicit_attention()`); "module" runs
+  the plain blocks through their own open_clip forward (`nn.MultiheadAttention`, the references' arithmetic: what
+  the `zsadkit.verify` commands compare by default) and the variant attentions through SDPA.
 
 `inference(precision)` is what `zsadkit.engine.predict` and `zsadkit.predict` wrap a detector's calls in:
 `torch.inference_mode` plus the precision.
@@ -48,7 +50,7 @@ __all__ = [
 ]
 
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
-ATTENTION_KERNELS: tuple[str, ...] = ("sdpa", "explicit")
+ATTENTION_KERNELS: tuple[str, ...] = ("sdpa", "explicit", "module")
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
