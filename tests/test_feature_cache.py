@@ -131,3 +131,22 @@ def test_builders_of_the_same_cache_at_once_never_expose_a_half_written_director
     cache = FeatureCache(tmp_path, {"encoder": "counting"})
     assert cache.complete and len(cache.dataset()) == 5
     assert [path.name for path in tmp_path.iterdir() if path.name.startswith(".")] == []  # no staging folder left
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_caches_hold_the_outputs_rounded_to_that_precision(samples, tmp_path: Path, dtype: str) -> None:
+    from zsadkit.data.dataset import AnomalyDataset
+
+    encoder = CountingEncoder()
+    cache = FeatureCache(tmp_path / dtype, {"encoder": "counting"}).build(samples, encoder, 16, batch_size=2,
+                                                                         dtype=dtype)
+    dataset = cache.dataset()
+    reference = AnomalyDataset(samples, image_size=16)
+    torch_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+    for index in range(5):
+        expected = encoder(reference[index]["image"][None])["tokens"][0]
+        row = dataset[index]["tokens"]
+        assert row.dtype == torch.float32
+        assert torch.equal(row, expected.to(torch_dtype).float())  # exactly the rounded value
+        assert not torch.equal(row, expected)  # and rounded indeed
+    assert dataset.arrays["tokens"].itemsize == 2

@@ -57,7 +57,8 @@ def test_plain_forward_equals_open_clip_encode_image(clip, encoder, images):
     with torch.no_grad():
         out = encoder(images, [4], tokens="raw")
         expected = clip.encode_image(images)
-    torch.testing.assert_close(out.global_embedding, expected, rtol=0, atol=0)
+    # SDPA (ours) vs open_clip's nn.MultiheadAttention: the same formula, summed in another order
+    torch.testing.assert_close(out.global_embedding, expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out.layer_tokens[0], out.final_tokens, rtol=0, atol=0)
 
 

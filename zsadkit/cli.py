@@ -5,7 +5,7 @@
     zsadkit data check --root DATA_ROOT
     zsadkit data from-folder DIR --out manifest.csv [--image-level-only] [--class-name WORD]
     zsadkit predict INPUT... --method NAME --out DIR [--backbone B] [--pretrained TAG_OR_FILE] [--image-size N]
-        [--device D] [--batch-size N] [--checkpoint FILE] [--references DIR_OR_FILES...] [--shots K]
+        [--device D] [--batch-size N] [--precision fp32|bf16|fp16] [--checkpoint FILE] [--references DIR_OR_FILES...] [--shots K]
         [--threshold T | --calibrate CAL_DIR [--target-fpr F]] [--maps overlay|raw|both|none] [--class-name WORD]
         [--force]
 
@@ -183,7 +183,7 @@ def _predict(args: argparse.Namespace) -> int:
             args.inputs, method=args.method, out=args.out, backbone=backbone, pretrained=pretrained,
             image_size=image_size, device=args.device, batch_size=args.batch_size, checkpoint=args.checkpoint or "",
             references=args.references, shots=args.shots, threshold=args.threshold, calibrate=args.calibrate,
-            target_fpr=args.target_fpr, maps=args.maps, class_name=args.class_name, force=args.force,
+            target_fpr=args.target_fpr, maps=args.maps, class_name=args.class_name, force=args.force, precision=args.precision,
         )
     except (OSError, PretrainedWeightsUnavailableError) as err:  # a missing weights file, no network for weights
         print(f"error: {err}", file=sys.stderr)
@@ -219,6 +219,8 @@ def add_predict_command(subparsers: argparse._SubParsersAction) -> None:
                          "size, 518 or 240; 518 for another backbone; 112 for zsad-tiny)")
     command.add_argument("--device", default="cpu", metavar="D", help="torch device, e.g. cuda (default: cpu)")
     command.add_argument("--batch-size", type=int, default=8, metavar="N", help="images per forward pass (default: 8)")
+    command.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+                         help="image tower precision (autocast); bf16 on a GPU or a CPU with bf16 (default: fp32)")
     command.add_argument("--checkpoint", metavar="FILE", help="the method's trained prompts, projections, adapters or heads "
                          "(zsadkit's files or the official ones)")
     command.add_argument("--references", nargs="+", metavar="DIR_OR_FILES",

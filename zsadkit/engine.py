@@ -30,8 +30,9 @@ from zsadkit.data.transforms import ResizeMode
 from zsadkit.feature_cache import cached_rows
 from zsadkit.methods.base import Detector, FeatureModel, Prediction
 from zsadkit.metrics import Evaluator
+from zsadkit.models.runtime import check_precision, inference
 
-__all__ = ["ReferenceSets", "draw_reference_sets", "evaluate", "evaluate_cached", "evaluate_few_shot", "predict",
+__all__ = ["ReferenceSets", "compile_tower", "draw_reference_sets", "evaluate", "evaluate_cached", "evaluate_few_shot", "predict",
            "read_reference_sets", "sample_references", "score_predictions", "write_reference_sets"]
 
 #: (shots, seed) → class name → the K normal reference samples of that class.
@@ -39,7 +40,6 @@ ReferenceSets = dict[tuple[int, int], dict[str, list[Sample]]]
 REFERENCE_SETS_FORMAT = "zsadkit-reference-sets/1"
 
 
-@torch.no_grad()
 def predict(
     detector: Detector,
     samples: Sequence[Sample],
@@ -49,35 +49,94 @@ def predict(
     device: str | torch.device = "cpu",
     progress: bool = False,
     resize: ResizeMode = "squash",
+    precision: str = "fp32",
+    num_workers: int = 0,
+    compile: bool = False,
+    keep_on_device: bool = False,
 ) -> Iterator[tuple[dict, Prediction]]:
-    """Yield (batch, prediction) pairs; the prediction's tensors are on the CPU. `resize`: how images are brought
-    to S × S (`zsadkit.data.transforms.image_transform`; "shorter_side_crop" in InCTRL's protocol)."""
-    loader = batches(samples, image_size, batch_size, resize=resize)
+    """Yield (batch, prediction) pairs of `detector` on `samples`, batch by batch.
+
+    Args:
+        detector: the method (its `predict` is called under `zsadkit.models.runtime.inference(precision)`:
+            `torch.inference_mode`, the image tower in `precision`, everything after it in float32).
+        samples: the images, brought to S × S by `resize` (`zsadkit.data.transforms.image_transform`;
+            "shorter_side_crop" in InCTRL's protocol).
+        image_size: S.
+        batch_size: images per forward pass.
+        device: where the detector runs.
+        progress: show a progress bar.
+        precision: "fp32" (default), "bf16" or "fp16" (`zsadkit.models.runtime.PRECISIONS`).
+        num_workers: loader processes decoding images while the detector computes (0 = in this process); on CUDA
+            the batches are pinned and copied without blocking.
+        compile: run the detector's image tower through `torch.compile` (`compile_tower`).
+        keep_on_device: leave the prediction's tensors on `device` (for the `Evaluator`'s device path); by default
+            they are moved to the CPU.
+    """
+    check_precision(precision)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    device = torch.device(device)
+    if compile:
+        compile_tower(detector)
+    pinned = device.type == "cuda"
+    loader = batches(samples, image_size, batch_size, num_workers=num_workers, resize=resize, pin_memory=pinned)
     with tqdm(total=len(loader), desc="predict", disable=not progress) as bar:  # not tqdm(loader): see training
         for batch in loader:
-            prediction = detector.predict(batch["image"].to(device), list(batch["class_name"]))
+            with inference(precision):
+                prediction = detector.predict(batch["image"].to(device, non_blocking=pinned),
+                                              list(batch["class_name"]))
             bar.update()
-            yield batch, Prediction(prediction.image_scores.float().cpu(), prediction.anomaly_maps.float().cpu())
+            # clone outside inference mode: ordinary tensors that callers may modify in place.
+            scores, maps = prediction.image_scores.float(), prediction.anomaly_maps.float()
+            if not keep_on_device:
+                scores, maps = scores.cpu(), maps.cpu()
+            yield batch, Prediction(scores.clone(), maps.clone())
+
+
+def compile_tower(detector: Detector) -> Detector:
+    """Wrap the detector's `VisualEncoder` blocks in `torch.compile` (once; the first batch pays the compilation).
+
+    Every method keeps its image tower as ``detector.visual`` (a `zsadkit.models.VisualEncoder`); each of its
+    residual blocks' MLP is compiled, the part that dominates the tower's time besides attention (which SDPA
+    already fuses). A detector without ``visual`` is returned unchanged.
+    """
+    visual = getattr(detector, "visual", None)
+    if visual is None or getattr(visual, "_zsadkit_compiled", False):
+        return detector
+    for block in visual.blocks:
+        block.mlp = torch.compile(block.mlp, dynamic=True)
+    visual._zsadkit_compiled = True
+    return detector
 
 
 def score_predictions(
-    pairs: Iterable[tuple[dict, Prediction]], *, dataset: str, has_masks: bool, pro: str | None = "cflow200",
+    pairs: Iterable[tuple[dict, Prediction]],
+    *,
+    dataset: str,
+    has_masks: bool,
+    pro: str | None = "cflow200",
+    metrics_device: str | torch.device | None = None,
     evaluator_options: Mapping[str, Any] | None = None,
 ) -> pd.DataFrame:
     """Metric rows of (batch, prediction) pairs, fed to the `Evaluator` one batch at a time.
 
     `batch` holds "class_name", "label", "mask" and, when known, "image_path" (named in metric errors).
+    `metrics_device`: compute the pixel ranking metrics where the maps are (`Evaluator(device=...)`); None: CPU.
     `evaluator_options`: further `Evaluator` arguments, e.g. `class_hook` (a bootstrap in the same pass, as
     `zsadkit.comparison` does) or `aupimo=True`.
     """
-    evaluator = Evaluator(dataset=dataset, pro=pro if has_masks else None, **dict(evaluator_options or {}))
+    evaluator = Evaluator(dataset=dataset, pro=pro if has_masks else None, device=metrics_device,
+                          **dict(evaluator_options or {}))
     for batch, prediction in pairs:
+        maps = prediction.anomaly_maps if metrics_device is not None else prediction.anomaly_maps.cpu()
         evaluator.update(
             list(batch["class_name"]),
             batch["label"],
             prediction.image_scores.cpu(),
             masks=batch["mask"] if has_masks else None,
-            maps=prediction.anomaly_maps.cpu() if has_masks else None,
+            maps=maps if has_masks else None,
             sample_ids=list(batch["image_path"]) if "image_path" in batch else None,
         )
     return evaluator.compute()
@@ -97,15 +156,20 @@ def evaluate(
     device: str | torch.device = "cpu",
     pro: str | None = "cflow200",
     progress: bool = False,
+    precision: str = "fp32",
+    metrics_on_device: bool = False,
     evaluator_options: Mapping[str, Any] | None = None,
 ) -> pd.DataFrame:
     """Per-class and mean metric rows (dataset, class_name, level, metric, value, note) of `detector`.
 
     Pixel metrics are computed only when the dataset has masks; image-level-only datasets give image rows.
-    `evaluator_options`: as `score_predictions`.
+    `precision`: the image tower's, as in `predict`. `metrics_on_device`: keep the maps on `device` and sort the
+    pixels there (`Evaluator(device=...)`, identical values). `evaluator_options`: as `score_predictions`.
     """
-    pairs = predict(detector, samples, image_size=image_size, batch_size=batch_size, device=device, progress=progress)
+    pairs = predict(detector, samples, image_size=image_size, batch_size=batch_size, device=device, progress=progress,
+                    precision=precision, keep_on_device=metrics_on_device)
     return score_predictions(pairs, dataset=dataset, has_masks=_has_masks(samples), pro=pro,
+                             metrics_device=device if metrics_on_device else None,
                              evaluator_options=evaluator_options)
 
 
@@ -244,6 +308,7 @@ def evaluate_few_shot(
     progress: bool = False,
     references: Mapping[str, Sequence[Sample] | torch.Tensor] | None = None,
     resize: ResizeMode = "squash",
+    precision: str = "fp32",
     evaluator_options: Mapping[str, Any] | None = None,
 ) -> pd.DataFrame:
     """Metric rows of a detector with a per-class reference memory (WinCLIP+, VAND few-shot, InCTRL).
@@ -251,8 +316,8 @@ def evaluate_few_shot(
     For each test class, `detector.fit_references` receives K normal training images of that class
     (`sample_references` with `seed`, or `references[class]`: samples, e.g. from `draw_reference_sets`, or an
     already preprocessed (K, 3, S, S) tensor such as an official prompt file), then the class's test images are
-    scored (references and test images brought to S × S by `resize`). Rows as `evaluate`; `evaluator_options` as
-    `score_predictions`.
+    scored (references and test images brought to S × S by `resize`, the tower in `precision`). Rows as `evaluate`;
+    `evaluator_options` as `score_predictions`.
     """
 
     def reference_images(class_name: str) -> torch.Tensor:
@@ -271,7 +336,7 @@ def evaluate_few_shot(
             detector.fit_references(reference_images(class_name).to(device))
             class_samples = [s for s in test_samples if s.class_name == class_name]
             yield from predict(detector, class_samples, image_size=image_size, batch_size=batch_size, device=device,
-                               progress=progress, resize=resize)
+                               progress=progress, resize=resize, precision=precision)
 
     return score_predictions(pairs(), dataset=dataset, has_masks=_has_masks(test_samples), pro=pro,
                              evaluator_options=evaluator_options)

@@ -42,6 +42,8 @@ from zsadkit.paths import default_cache_root
 
 CACHE_FORMAT = "zsadkit-feature-cache/1"
 META_FILE = "meta.json"
+#: The storage name of bfloat16 caches (numpy has no bfloat16: the 16 bits are kept in uint16 arrays).
+BFLOAT16 = "bfloat16"
 EncodeFunction = Callable[[torch.Tensor], Mapping[str, torch.Tensor]]
 
 __all__ = ["CachedFeatureDataset", "FeatureCache", "cached_rows"]
@@ -90,7 +92,8 @@ class FeatureCache:
             image_size: side S of the transformed images and masks.
             batch_size: images per encoder call.
             device: where `encode` runs.
-            dtype: storage dtype of the encoder outputs (float32 keeps exact values; float16 halves the disk).
+            dtype: storage dtype of the encoder outputs (float32 keeps exact values; float16 or "bfloat16" halve
+                the disk; bfloat16 is stored as its 16 bits in uint16 arrays and read back as float32).
             progress: show a progress bar.
             resize: how images are brought to S × S (`zsadkit.data.transforms.image_transform`); part of the key.
             dataset: items to encode instead of the plain transforms of `samples` (e.g. augmented views); item i
@@ -102,8 +105,8 @@ class FeatureCache:
         self.directory.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{self.directory.name}-", dir=self.directory.parent))
         try:
-            self._write(staging, samples, encode, image_size, batch_size, device, np.dtype(dtype), progress, resize,
-                        dataset)
+            storage = BFLOAT16 if str(dtype) == "bfloat16" else np.dtype(dtype)
+            self._write(staging, samples, encode, image_size, batch_size, device, storage, progress, resize, dataset)
             for attempt in range(2):
                 try:
                     os.replace(staging, self.directory)
@@ -126,7 +129,7 @@ class FeatureCache:
         image_size: int,
         batch_size: int,
         device: str | torch.device,
-        dtype: np.dtype,
+        dtype: np.dtype | str,
         progress: bool,
         resize: ResizeMode,
         dataset: Dataset | None,
@@ -152,9 +155,10 @@ class FeatureCache:
                     raise ValueError(f"FeatureCache: encoder output name {name!r} is reserved")
                 if name not in arrays:
                     arrays[name] = np.lib.format.open_memmap(
-                        directory / f"{name}.npy", "w+", dtype, (count, *value.shape[1:])
+                        directory / f"{name}.npy", "w+", np.uint16 if dtype == BFLOAT16 else dtype,
+                        (count, *value.shape[1:])
                     )
-                arrays[name][index] = value.detach().float().cpu().numpy().astype(dtype)
+                arrays[name][index] = _stored(value.detach().float().cpu(), dtype)
             masks[index] = (batch["mask"] > 0.5).numpy().astype(np.uint8)
             labels[index] = batch["label"].numpy()
             for row, name in zip(index, batch["class_name"], strict=True):
@@ -163,7 +167,8 @@ class FeatureCache:
         for array in (*arrays.values(), masks):
             array.flush()
         np.save(directory / "label.npy", labels)
-        meta = {"key": self.key, "count": count, "arrays": sorted(arrays), "class_names": class_names}
+        meta = {"key": self.key, "count": count, "arrays": sorted(arrays), "class_names": class_names,
+                "bfloat16": dtype == BFLOAT16}
         (directory / META_FILE).write_text(json.dumps(meta, sort_keys=True, default=str))
 
     def dataset(self) -> CachedFeatureDataset:
@@ -176,6 +181,20 @@ class FeatureCache:
         return sum(path.stat().st_size for path in self.directory.glob("*.npy"))
 
 
+def _stored(values: torch.Tensor, dtype: np.dtype | str) -> np.ndarray:
+    """float32 values as stored: cast to `dtype`, or for bfloat16 the upper 16 bits after rounding to bf16."""
+    if dtype == BFLOAT16:
+        return values.bfloat16().view(torch.int16).numpy().view(np.uint16)
+    return values.numpy().astype(dtype)
+
+
+def _loaded(row: np.ndarray, bfloat16: bool) -> torch.Tensor:
+    """A stored row as float32 (bfloat16 bits shifted back into the upper half of a float32)."""
+    if bfloat16:
+        return torch.from_numpy((np.asarray(row).astype(np.uint32) << 16).view(np.float32))
+    return torch.from_numpy(np.array(row, dtype=np.float32))
+
+
 class CachedFeatureDataset(Dataset):
     """Rows of a complete cache: {output names: tensors, "mask" (S, S) float, "label", "class_name", "index"}."""
 
@@ -186,12 +205,13 @@ class CachedFeatureDataset(Dataset):
         self.arrays = {name: np.load(self.directory / f"{name}.npy", mmap_mode="r") for name in meta["arrays"]}
         self.masks = np.load(self.directory / "mask.npy", mmap_mode="r")
         self.labels = np.load(self.directory / "label.npy")
+        self.bfloat16 = bool(meta.get("bfloat16", False))
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, index: int) -> dict:
-        item = {name: torch.from_numpy(np.array(array[index], dtype=np.float32)) for name, array in self.arrays.items()}
+        item = {name: _loaded(array[index], self.bfloat16) for name, array in self.arrays.items()}
         item["mask"] = torch.from_numpy(np.array(self.masks[index], dtype=np.float32))
         item["label"] = int(self.labels[index])
         item["class_name"] = self.class_names[index]

@@ -74,6 +74,7 @@ from zsadkit.data.records import Sample, read_manifest
 from zsadkit.engine import sample_references
 from zsadkit.methods import Detector, build_method, registered_methods
 from zsadkit.models import BUILTIN_RANDOM_MODELS, PretrainedWeightsUnavailableError
+from zsadkit.models.runtime import PRECISIONS, inference
 from zsadkit.protocols import method_backbone
 from zsadkit.results import PROVENANCE_COLUMNS, Provenance, code_commit
 
@@ -492,6 +493,7 @@ class _Scorer:
     batch_size: int
     device: str
     references: dict[str | None, torch.Tensor]  # class word (None: every class) -> (K, 3, S, S)
+    precision: str = "fp32"
     fitted: tuple[str | None] | None = field(default=None, init=False)  # (class word,) of the fitted references
 
     def groups(self, samples: list[Sample]) -> list[tuple[str | None, list[int]]]:
@@ -520,10 +522,12 @@ class _Scorer:
                         bar.update(len(failures))
                         yield [], torch.empty(0), torch.empty(0), errors
                         continue
-                    prediction = self.detector.predict(batch["image"].to(self.device), list(batch["class_name"]))
+                    with inference(self.precision):
+                        prediction = self.detector.predict(batch["image"].to(self.device),
+                                                           list(batch["class_name"]))
                     bar.update(len(failures) + len(batch["index"]))
-                    yield ([indices[int(i)] for i in batch["index"]], prediction.image_scores.float().cpu(),
-                           prediction.anomaly_maps.float().cpu(), errors)
+                    yield ([indices[int(i)] for i in batch["index"]], prediction.image_scores.float().cpu().clone(),
+                           prediction.anomaly_maps.float().cpu().clone(), errors)
 
 
 def _load_references(references: Any, class_name: str | None, shots: int | None, seed: int, image_size: int,
@@ -765,6 +769,7 @@ def predict(
     backbone_seed: int = 0,
     train_seed: int = 111,
     method_options: Mapping[str, Any] | None = None,
+    precision: str = "fp32",
 ) -> PredictResult:
     """Score images with a registered method; write scores, maps and decisions to `out` (see the module docstring).
 
@@ -791,6 +796,8 @@ def predict(
         backbone_seed: seed of random backbone weights.
         train_seed: seed of untrained learnable parameters and of the `shots` draw.
         method_options: fields of the method's config (`build_method(name, **options)`).
+        precision: the image tower's precision, "fp32", "bf16" or "fp16" (`zsadkit.models.runtime`); a run-time
+            setting like `device` (bf16 moves scores by about 1e-2 at most, docs/performance.md).
 
     Raises:
         PredictError: an unknown method, a checkpoint of another method or backbone, a method that needs
@@ -808,6 +815,8 @@ def predict(
         raise PredictError("shots needs references and must be at least 1")
     if batch_size < 1:
         raise PredictError(f"batch size must be at least 1, got {batch_size}")
+    if precision not in PRECISIONS:
+        raise PredictError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     backbone, pretrained, image_size = resolve_backbone(method, backbone, pretrained, image_size)
     checkpoint = str(Path(checkpoint).expanduser().resolve()) if checkpoint else ""
     temporary = tempfile.TemporaryDirectory(prefix="zsadkit-predict-") if out is None else None
@@ -859,12 +868,12 @@ def predict(
     settings = json.loads(json.dumps(settings))  # as run.json stores them (tuples become lists)
     _prepare_out(out, settings, force)
     fidelity = method_fidelity(detector)
-    run = {"settings": settings, "runtime": {"device": device, "batch_size": batch_size},
+    run = {"settings": settings, "runtime": {"device": device, "batch_size": batch_size, "precision": precision},
            **({"fidelity": fidelity} if fidelity is not None else {}),
            "random_weights": not pretrained, "notes": notes, "versions": _versions()}
     _write_json(out / "run.json", run)
 
-    scorer = _Scorer(detector, image_size, batch_size, device, reference_tensors)
+    scorer = _Scorer(detector, image_size, batch_size, device, reference_tensors, precision)
     calibration = None
     if calibration_folder is not None:
         calibration = _calibrate(scorer, calibration_folder, calibration_samples, calibration_digest, target_fpr,

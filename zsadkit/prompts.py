@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 
 from zsadkit.models import TextEncoder, tokenize
+from zsadkit.models.runtime import frozen_features
 
 __all__ = [
     "class_phrase",
@@ -327,17 +328,18 @@ class ClassTextFeatures:
         self.replace_underscores = replace_underscores
         self.cache: dict[str, torch.Tensor] = {}
 
-    @torch.no_grad()
     def __call__(self, class_name: str) -> torch.Tensor:
-        """(2, D) unit-norm (normal, anomalous) embeddings of one class."""
+        """(2, D) unit-norm (normal, anomalous) embeddings of one class (float32, no graph; an ordinary tensor even
+        when first asked for inside `torch.inference_mode`, so that training may use it later)."""
         if class_name not in self.cache:
-            self.cache[class_name] = class_text_features(
-                lambda sentences: encode_sentences(self.text_encoder, sentences),
-                self.ensemble,
-                class_name,
-                normalize_prompts=self.normalize_prompts,
-                replace_underscores=self.replace_underscores,
-            )
+            with frozen_features():
+                self.cache[class_name] = class_text_features(
+                    lambda sentences: encode_sentences(self.text_encoder, sentences),
+                    self.ensemble,
+                    class_name,
+                    normalize_prompts=self.normalize_prompts,
+                    replace_underscores=self.replace_underscores,
+                )
         return self.cache[class_name]
 
     def batch(self, class_names: Sequence[str]) -> torch.Tensor:

@@ -114,10 +114,17 @@ class AnomalyDataset(Dataset):
 
 
 def batches(
-    samples: Sequence[Sample], image_size: int, batch_size: int = 8, num_workers: int = 0, resize: ResizeMode = "squash"
+    samples: Sequence[Sample],
+    image_size: int,
+    batch_size: int = 8,
+    num_workers: int = 0,
+    resize: ResizeMode = "squash",
+    pin_memory: bool = False,
 ) -> DataLoader:
     """A deterministic (unshuffled) loader of `AnomalyDataset` batches of `samples`; `resize` as `image_transform`
-    ("shorter_side_crop" for InCTRL's protocol)."""
+    ("shorter_side_crop" for InCTRL's protocol). `num_workers` > 0 decodes in worker processes (two batches ahead
+    each) while the model computes; `pin_memory` pins batches for non-blocking copies to a GPU."""
     override = image_transform(image_size, resize=resize) if resize != "squash" else None
     return DataLoader(AnomalyDataset(list(samples), image_size=image_size, image_transform_override=override),
-                      batch_size=batch_size, shuffle=False, num_workers=num_workers)
+                      batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=pin_memory,
+                      persistent_workers=False)

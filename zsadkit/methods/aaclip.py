@@ -78,6 +78,7 @@ from zsadkit.methods.base import (
     seeded,
 )
 from zsadkit.models import AttentionVariant, TextEncoder, VisualEncoder, module_fingerprint, tokenize
+from zsadkit.models.runtime import frozen_features
 from zsadkit.prompts import STATES, ensemble_text_features, prompt_ensemble
 
 __all__ = [
@@ -424,12 +425,13 @@ class AACLIP(nn.Module):
         anchors = self.text_anchors(unique)
         return anchors[torch.tensor([unique.index(name) for name in class_names], device=anchors.device)]
 
-    @torch.no_grad()
     def frozen_anchors(self, class_names: Sequence[str]) -> torch.Tensor:
         """(B, 2, E) anchors without a graph, computed once per class (stage 2 and inference)."""
         missing = sorted(set(class_names) - set(self._anchor_cache))
         if missing:
-            for name, anchors in zip(missing, self.text_anchors(missing), strict=True):
+            with frozen_features():
+                computed = self.text_anchors(missing)
+            for name, anchors in zip(missing, computed, strict=True):
                 self._anchor_cache[name] = anchors
         return torch.stack([self._anchor_cache[name] for name in class_names])
 

@@ -68,6 +68,7 @@ from zsadkit.methods.base import (
     seeded,
 )
 from zsadkit.models import AttentionVariant, TextEncoder, VisualEncoder, module_fingerprint, tokenize
+from zsadkit.models.runtime import frozen_features
 from zsadkit.prompt_learning import PromptLearner, PromptLearnerConfig
 
 __all__ = [
@@ -314,7 +315,7 @@ class AnomalyCLIP(nn.Module):
         training mode always recomputed)."""
         key = () if self.config.object_agnostic else tuple(sorted(set(class_names)))
         if self.training or key not in self._text_feature_cache:
-            with torch.no_grad():
+            with frozen_features():
                 features = self.encode_text(list(key))
             if self.training:
                 return features if self.config.object_agnostic else self._per_image(features, key, class_names)

@@ -4,6 +4,11 @@ A class's maps are kept (in memory or in a temporary file) only until the class 
 maps never sit in memory at once: exact pixel AUROC/AP and both AU-PRO variants need the class's full-precision
 maps, and nothing else is kept once its rows exist.
 
+With ``device=`` (e.g. "cuda") the maps stay where the detector made them: a class's pixel AUROC, AP and F1-max
+are computed there (`zsadkit.metrics.device`: one sort on the device, the same counts and formulas, identical
+values); the maps come to the CPU only for what needs connected components or per-image curves (AU-PRO, AUPIMO)
+or for `class_hook`. Without it (the default) everything runs on the CPU with numpy, as before.
+
 Example:
     >>> ev = Evaluator(dataset="toy", pro=None)
     >>> ev.update(["a"] * 4, [0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8])
@@ -22,8 +27,16 @@ from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
+import torch
 
 from zsadkit.metrics.aupimo import AUPIMO_FPR_BOUNDS, aupimo, check_fpr_bounds
+from zsadkit.metrics.device import (
+    DeviceRanked,
+    device_auroc,
+    device_average_precision,
+    device_max_f1,
+    device_pixel_inputs,
+)
 from zsadkit.metrics.pro import cflow200_aupro, exact_aupro
 from zsadkit.metrics.ranking import auroc, average_precision, max_f1
 from zsadkit.metrics.scores import PixelScores, RankedScores
@@ -115,6 +128,8 @@ class _ClassBuffer:
     sample_ids: list[str] = field(default_factory=list)
     masks: _FrameStore | None = None
     maps: _FrameStore | None = None
+    device_masks: list[torch.Tensor] = field(default_factory=list)  # the device path's (B, H, W) chunks
+    device_maps: list[torch.Tensor] = field(default_factory=list)
     has_pixels: bool | None = None  # set by the first batch; every batch of a class must agree
 
 
@@ -146,6 +161,8 @@ class Evaluator:
         class_hook: called with each class's `ClassSamples`, masks and maps included, once its rows are
             computed and before its maps are freed (e.g. to bootstrap the pixel metrics in the same pass); the
             class's maps then stay in memory next to its sorted pixels, about twice the memory of one class.
+        device: keep maps (tensors) on this device and compute the pixel ranking metrics there (see the module
+            docstring); `storage` then does not apply to the maps. None (default): the CPU path.
     """
 
     def __init__(
@@ -160,6 +177,7 @@ class Evaluator:
         aupimo_fpr_bounds: tuple[float, float] = AUPIMO_FPR_BOUNDS,
         keep_samples: bool = False,
         class_hook: Callable[[ClassSamples], None] | None = None,
+        device: str | torch.device | None = None,
     ) -> None:
         if pro not in PRO_METRICS:
             raise ValueError(f"pro must be one of {list(PRO_METRICS)}, got {pro!r}")
@@ -171,6 +189,7 @@ class Evaluator:
         self.storage, self.streaming = storage, streaming
         self.aupimo, self.aupimo_fpr_bounds = aupimo, check_fpr_bounds(aupimo_fpr_bounds)
         self.keep_samples, self.class_hook = keep_samples, class_hook
+        self.device = None if device is None else torch.device(device)
         self._kept: list[ClassSamples] = []
         self._tempdir = (
             tempfile.TemporaryDirectory(prefix="zsadkit-eval-", dir=workdir) if storage == "disk" else None
@@ -207,6 +226,8 @@ class Evaluator:
         names = list(sample_ids) if sample_ids is not None else [f"#{first + i}" for i in range(batch_size)]
         if len(names) != batch_size:
             raise ValueError(f"sample_ids has {len(names)} entries for a batch of {batch_size} class names")
+        if self.device is not None:  # image scores are few: they join the CPU path
+            labels, scores = (value.cpu() if torch.is_tensor(value) else value for value in (labels, scores))
         label_array, score_array = image_inputs(labels, scores, names)
         if label_array.shape[0] != batch_size:
             raise ValueError(
@@ -215,7 +236,9 @@ class Evaluator:
         if (masks is None) != (maps is None):
             raise ValueError("masks and maps must be given together (both None for image-level-only data)")
         mask_array = map_array = None
-        if maps is not None:
+        if maps is not None and self.device is not None:
+            mask_array, map_array = device_pixel_inputs(masks, torch.as_tensor(maps).to(self.device), names)
+        elif maps is not None:
             mask_array, map_array = pixel_inputs(masks, maps, names)
             if mask_array.shape[0] != batch_size:
                 raise ValueError(
@@ -260,6 +283,9 @@ class Evaluator:
             )
         if maps is None or masks is None:
             return
+        if self.device is not None:
+            self._add_device_frames(class_name, buffer, masks, maps, rows, names)
+            return
         if buffer.maps is None or buffer.masks is None:
             frame_shape = maps.shape[1:]
             buffer.maps = _FrameStore(self._file("maps"), frame_shape, maps.dtype)
@@ -276,6 +302,20 @@ class Evaluator:
             )
         buffer.maps.append(maps[rows])
         buffer.masks.append(masks[rows])
+
+    @staticmethod
+    def _add_device_frames(
+        class_name: str, buffer: _ClassBuffer, masks: torch.Tensor, maps: torch.Tensor, rows: slice, names: list[str]
+    ) -> None:
+        if buffer.device_maps and (maps.shape[1:] != buffer.device_maps[0].shape[1:]
+                                   or maps.dtype != buffer.device_maps[0].dtype):
+            first = buffer.device_maps[0]
+            raise ValueError(
+                f"{names[rows.start]}: maps of class {class_name!r} are {maps.dtype} {tuple(maps.shape[1:])}, "
+                f"earlier ones {first.dtype} {tuple(first.shape[1:])}; keep one size and precision per class"
+            )
+        buffer.device_maps.append(maps[rows].clone())  # a copy: callers may reuse their buffers
+        buffer.device_masks.append(masks[rows].clone())
 
     def _file(self, kind: str) -> Path | None:
         if self._tempdir is None:
@@ -358,7 +398,22 @@ class Evaluator:
         samples = ClassSamples(
             self.dataset, class_name, np.array(buffer.sample_ids, dtype=str), labels, scores
         )
-        if buffer.maps is not None and buffer.masks is not None:
+        if buffer.device_maps:
+            rows += self._device_pixel_rows(buffer, row)
+            needs_cpu = bool(PRO_METRICS[self.pro]) or self.aupimo or self.class_hook is not None
+            if needs_cpu:
+                masks, maps = (torch.cat(chunks).cpu().numpy() for chunks in (buffer.device_masks, buffer.device_maps))
+            buffer.device_masks.clear()
+            buffer.device_maps.clear()
+            if needs_cpu:
+                if PRO_METRICS[self.pro]:
+                    rows += self._pro_rows(PixelScores.from_maps(masks, maps), row)
+                if self.aupimo:
+                    rows.append(row("pixel", "aupimo", _evaluate(aupimo, masks, maps, self.aupimo_fpr_bounds)))
+                if self.class_hook is not None:
+                    samples = replace(samples, masks=masks, maps=maps)
+                del masks, maps
+        elif buffer.maps is not None and buffer.masks is not None:
             masks, maps = buffer.masks.read_and_release(), buffer.maps.read_and_release()
             aupimo_rows = (
                 [row("pixel", "aupimo", _evaluate(aupimo, masks, maps, self.aupimo_fpr_bounds))]
@@ -374,17 +429,28 @@ class Evaluator:
                 row("pixel", "ap", _evaluate(average_precision, pixels.ranked)),
                 row("pixel", "f1_max", _evaluate(max_f1, pixels.ranked)),
             ]
-            for metric in PRO_METRICS[self.pro]:
-                if metric == "aupro":
-                    rows.append(row("pixel", metric, _evaluate(exact_aupro, pixels, self.fpr_limit)))
-                else:
-                    rows.append(row("pixel", metric, _evaluate(cflow200_aupro, pixels)))
+            rows += self._pro_rows(pixels, row)
             rows += aupimo_rows
         if self.class_hook is not None:
             self.class_hook(samples)
         if self.keep_samples:
             self._kept.append(ClassSamples(self.dataset, class_name, samples.sample_ids, labels, scores))
         return rows
+
+    def _pro_rows(self, pixels: PixelScores, row: Callable[[str, str, tuple[float, str]], dict]) -> list[dict]:
+        """The AU-PRO rows of `self.pro` (connected components: on the CPU)."""
+        return [row("pixel", metric, _evaluate(exact_aupro, pixels, self.fpr_limit) if metric == "aupro"
+                    else _evaluate(cflow200_aupro, pixels)) for metric in PRO_METRICS[self.pro]]
+
+    @staticmethod
+    def _device_pixel_rows(buffer: _ClassBuffer, row: Callable[[str, str, tuple[float, str]], dict]) -> list[dict]:
+        """Pixel AUROC, AP and F1-max of a class's maps, sorted on their device."""
+        ranked = DeviceRanked.from_labels(torch.cat(buffer.device_masks), torch.cat(buffer.device_maps))
+        return [
+            row("pixel", "auroc", _evaluate(device_auroc, ranked)),
+            row("pixel", "ap", _evaluate(device_average_precision, ranked)),
+            row("pixel", "f1_max", _evaluate(device_max_f1, ranked)),
+        ]
 
     def _row_key(self, class_name: str, level: str, metric: str) -> dict:
         return {"dataset": self.dataset, "class_name": class_name, "level": level, "metric": metric}

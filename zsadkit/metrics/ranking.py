@@ -18,10 +18,12 @@ from zsadkit.metrics.validation import image_inputs, pixel_inputs
 __all__ = [
     "auroc",
     "average_precision",
+    "average_precision_from_counts",
     "f1_max",
     "image_ap",
     "image_auroc",
     "max_f1",
+    "max_f1_from_counts",
     "pixel_ap",
     "pixel_auroc",
     "pixel_f1_max",
@@ -57,15 +59,23 @@ def _counts_at_anomalous_thresholds(ranked: RankedScores) -> tuple[np.ndarray, n
 
 def average_precision(ranked: RankedScores) -> float:
     """Average precision, sum over thresholds of (recall increase) x precision, without interpolation."""
-    true_positives, false_positives, tied = _counts_at_anomalous_thresholds(ranked)
+    return average_precision_from_counts(*_counts_at_anomalous_thresholds(ranked))
+
+
+def average_precision_from_counts(true_positives: np.ndarray, false_positives: np.ndarray, tied: np.ndarray) -> float:
+    """`average_precision` from the (T,) counts at the distinct anomalous thresholds (also the device path's)."""
     precision = true_positives / (true_positives + false_positives)
-    return float(np.sum(tied * precision) / ranked.anomalous.size)
+    return float(np.sum(tied * precision) / tied.sum())
 
 
 def max_f1(ranked: RankedScores) -> float:
     """Maximum over thresholds of F1 = 2PR / (P + R) = 2 TP / (TP + FP + N_pos)."""
-    true_positives, false_positives, _ = _counts_at_anomalous_thresholds(ranked)
-    return float(np.max(2 * true_positives / (true_positives + false_positives + ranked.anomalous.size)))
+    return max_f1_from_counts(*_counts_at_anomalous_thresholds(ranked))
+
+
+def max_f1_from_counts(true_positives: np.ndarray, false_positives: np.ndarray, tied: np.ndarray) -> float:
+    """`max_f1` from the (T,) counts at the distinct anomalous thresholds (also the device path's)."""
+    return float(np.max(2 * true_positives / (true_positives + false_positives + tied.sum())))
 
 
 def _image_ranking(labels: Any, scores: Any) -> RankedScores:

@@ -12,6 +12,11 @@ piece"):
 A tuple of modes averages their per-head outputs (e.g. the paper's V-V + Q-Q ablation). Since ``out_proj`` is
 affine, averaging before or after it is the same.
 
+Every attention runs through `scaled_attention`: `torch.nn.functional.scaled_dot_product_attention` (never
+materialising the N × N weights), or, inside `zsadkit.models.runtime.explicit_attention()`, the formula written
+out. `block_forward` runs a whole open_clip residual block the same way (open_clip's `nn.MultiheadAttention` fast
+path materialises the weights on CPU: 120 MB per block and image for ViT-L at 518 px).
+
 Per-head outputs are exposed before ``out_proj`` so that heads can be re-weighted (HeadCLIP's learnable head
 weights): a `HeadWeighting` is either a tensor of shape (H,) or (B, H), or a callable mapping the per-head outputs
 (B, H, N, Dh) to re-weighted outputs of the same shape.
@@ -26,12 +31,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zsadkit.models.runtime import attention_kernel
+
 __all__ = [
     "ATTENTION_MODES",
+    "block_forward",
     "check_modes",
     "head_attention",
     "merge_heads",
     "project_qkv",
+    "scaled_attention",
     "weight_heads",
 ]
 
@@ -66,6 +75,19 @@ def project_qkv(attn: nn.MultiheadAttention, tokens: torch.Tensor) -> tuple[torc
     return packed[0], packed[1], packed[2]
 
 
+def scaled_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """softmax(query keyᵀ / √Dh + mask) value over (B, H, N, Dh) operands: SDPA, or written out when the kernel is
+    "explicit" (`zsadkit.models.runtime.explicit_attention`)."""
+    if attention_kernel() == "sdpa":
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask)
+    scores = (query * query.shape[-1] ** -0.5) @ key.transpose(-2, -1)
+    if attn_mask is not None:
+        scores = scores + attn_mask
+    return scores.softmax(dim=-1) @ value
+
+
 def head_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -93,7 +115,7 @@ def head_attention(
         q, k, v = (tensor.transpose(0, 2) for tensor in (q, k, v))
     operands = {"q": q, "k": k, "v": v}
     outputs = [
-        F.scaled_dot_product_attention(operands[mode[0]], operands[mode[1]], v, attn_mask=attn_mask) for mode in modes
+        scaled_attention(operands[mode[0]], operands[mode[1]], v, attn_mask=attn_mask) for mode in modes
     ]
     result = outputs[0] if len(outputs) == 1 else torch.stack(outputs).mean(dim=0)
     return result.transpose(0, 2) if batch_mixing else result
@@ -128,3 +150,16 @@ def merge_heads(attn: nn.MultiheadAttention, head_outputs: torch.Tensor) -> torc
     batch, heads, length, head_dim = head_outputs.shape
     merged = head_outputs.transpose(1, 2).reshape(batch, length, heads * head_dim)
     return F.linear(merged, attn.out_proj.weight, attn.out_proj.bias)
+
+
+def block_forward(block: nn.Module, hidden: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """An open_clip ``ResidualAttentionBlock`` on (B, N, W) tokens, its attention through `scaled_attention`.
+
+    Equals ``block(hidden, attn_mask=attn_mask)`` (to float rounding): x + ls_1(attn(ln_1(x))), then
+    x + ls_2(mlp(ln_2(x))). Under the "module" kernel it is that call.
+    """
+    if attention_kernel() == "module":
+        return block(hidden, attn_mask=attn_mask)
+    q, k, v = project_qkv(block.attn, block.ln_1(hidden))
+    hidden = hidden + block.ls_1(merge_heads(block.attn, head_attention(q, k, v, ("qk",), attn_mask=attn_mask)))
+    return hidden + block.ls_2(block.mlp(block.ln_2(hidden)))

@@ -16,6 +16,9 @@ A forward can stop before a block (`VisualEncoder.stream_state`) and resume ther
 (`VisualEncoder.forward(start=...)`), with the same result as one full forward: methods that train parameters
 inside the tower from some block on (HeadCLIP's head weights) cache the frozen blocks before it.
 
+Every attention runs through `zsadkit.models.attention.scaled_attention` (SDPA, or the explicit formula for parity
+checks); the tower runs in the precision of `zsadkit.models.runtime` (autocast) and returns float32 tensors.
+
 Layers are 1-indexed, as in the papers. Nothing here is wrapped in ``torch.no_grad()``: callers that freeze the
 tower (AnomalyCLIP) wrap the call themselves; methods that train adapters inside it need the graph.
 
@@ -40,12 +43,14 @@ from torch import nn
 
 from zsadkit.models.attention import (
     HeadWeighting,
+    block_forward,
     check_modes,
     head_attention,
     merge_heads,
     project_qkv,
     weight_heads,
 )
+from zsadkit.models.runtime import attention_kernel, tower_autocast
 
 __all__ = [
     "AttentionVariant",
@@ -278,16 +283,17 @@ class VisualEncoder(nn.Module):
             raise ValueError("return_global=False needs at least one layer to tap")
         last_layer = num_layers if return_global else max(layers)
         hooks = self._checked_hooks(layers, attention, head_weights, side_head_weights, adapters)
-        if start is None:
-            if images is None:
-                raise ValueError("VisualEncoder.forward needs images or a start state")
-            start = StreamState(1, self.embed(images))
-        elif images is not None:
+        if start is None and images is None:
+            raise ValueError("VisualEncoder.forward needs images or a start state")
+        if start is not None and images is not None:
             raise ValueError("VisualEncoder.forward takes images or a start state, not both")
-        else:
+        if start is not None:
             self._check_start(start, attention, layers, hooks)
-        hidden, side, taps = self._run_blocks(start, last_layer, attention, *hooks, layers)
-
+        with tower_autocast(self.visual.proj.device):
+            if start is None:
+                start = StreamState(1, self.embed(images))
+            hidden, side, taps = self._run_blocks(start, last_layer, attention, *hooks, layers)
+        hidden = hidden.float()  # ln_post and proj in float32 (the blocks may have run in bf16/fp16)
         global_embedding = None
         if return_global:
             cls_token = hidden[:, 0]
@@ -296,7 +302,7 @@ class VisualEncoder(nn.Module):
             global_embedding = cls_token @ self.visual.proj
         return VisualFeatures(
             layers=layers,
-            layer_tokens=tuple(self.project_tokens(taps[layer], tokens) for layer in layers),
+            layer_tokens=tuple(self.project_tokens(taps[layer].float(), tokens) for layer in layers),
             global_embedding=global_embedding,
             final_tokens=hidden if last_layer == num_layers else None,
         )
@@ -328,8 +334,10 @@ class VisualEncoder(nn.Module):
         if late:
             raise ValueError(f"stream_state(next_layer={next_layer}) runs blocks before it only; hooks at {late} "
                              "belong to the resumed forward")
-        hidden, side, _ = self._run_blocks(StreamState(1, self.embed(images)), next_layer - 1, attention, *hooks, ())
-        return StreamState(next_layer, hidden, side)
+        with tower_autocast(self.visual.proj.device):
+            hidden, side, _ = self._run_blocks(StreamState(1, self.embed(images)), next_layer - 1, attention, *hooks,
+                                               ())
+        return StreamState(next_layer, hidden.float(), None if side is None else side.float())
 
     def _checked_hooks(
         self,
@@ -390,7 +398,7 @@ class VisualEncoder(nn.Module):
             block = self.blocks[layer - 1]
             variant_active = layer >= first_variant
             if not variant_active and layer not in head_weights:
-                hidden = block(hidden)
+                hidden = block_forward(block, hidden)
             elif not variant_active:
                 hidden = self._head_weighted_block(block, hidden, head_weights[layer])
             else:
@@ -418,13 +426,16 @@ class VisualEncoder(nn.Module):
         """A standard block with its heads re-weighted, written as the block's own attention plus the change the
         weights make: ``h + ls_1(Attn(ln_1(h)) + Out(w·heads) − Out(heads))``, then the MLP as in the block.
 
-        With identity weights ``w·heads`` equals ``heads`` bit for bit, the correction is exactly zero and the
-        result is bit-identical to ``block(hidden)`` (torch's fused attention); the weights still get gradients.
+        ``Attn`` is what `block_forward` computes under the current attention kernel (open_clip's module, or the
+        heads merged). With identity weights ``w·heads`` equals ``heads`` bit for bit, the correction is exactly
+        zero and the result is bit-identical to `block_forward`; the weights still get gradients.
         """
         normalised = block.ln_1(hidden)
         heads = head_attention(*project_qkv(block.attn, normalised))
-        correction = merge_heads(block.attn, weight_heads(heads, weighting)) - merge_heads(block.attn, heads)
-        hidden = hidden + block.ls_1(block.attention(normalised) + correction)
+        unweighted = merge_heads(block.attn, heads)
+        attended = block.attention(normalised) if attention_kernel() == "module" else unweighted
+        correction = merge_heads(block.attn, weight_heads(heads, weighting)) - unweighted
+        hidden = hidden + block.ls_1(attended + correction)
         return hidden + block.ls_2(block.mlp(block.ln_2(hidden)))
 
     def encode_windows(
@@ -452,7 +463,8 @@ class VisualEncoder(nn.Module):
         num_patches = self.grid_size**2
         if windows.numel() and (int(windows.min()) < 0 or int(windows.max()) >= num_patches):
             raise ValueError(f"window indices must lie in [0, {num_patches}) for a {self.grid_size}² grid")
-        tokens = self.embed(images)
+        with tower_autocast(self.visual.proj.device):
+            tokens = self.embed(images)
         windows = windows.to(tokens.device).long()
         step = windows.shape[0] if windows_per_pass is None else max(1, int(windows_per_pass))
         embeddings = [self._encode_window_chunk(tokens, windows[start : start + step])
@@ -466,7 +478,8 @@ class VisualEncoder(nn.Module):
         window_tokens = tokens[:, windows + 1]  # (B, W, K, width); +1 skips the CLS token
         class_tokens = tokens[:, :1].unsqueeze(1).expand(batch, num_windows, 1, width)
         sequences = torch.cat([class_tokens, window_tokens], dim=2).reshape(batch * num_windows, 1 + window_len, width)
-        for block in self.blocks:
-            sequences = block(sequences)
-        embeddings = self.visual.ln_post(sequences[:, 0]) @ self.visual.proj
+        with tower_autocast(self.visual.proj.device):
+            for block in self.blocks:
+                sequences = block_forward(block, sequences)
+        embeddings = self.visual.ln_post(sequences[:, 0].float()) @ self.visual.proj
         return embeddings.view(batch, num_windows, -1)
