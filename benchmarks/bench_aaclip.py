@@ -24,7 +24,6 @@ Without `--models` and `--device`, a machine with CUDA adds the paper's backbone
 from __future__ import annotations
 
 import argparse
-import resource
 import tempfile
 import time
 import warnings
@@ -36,6 +35,7 @@ import torch
 from zsadkit.experiment import RunConfig, load_split
 from zsadkit.methods.aaclip import AACLIP, reference_config
 from zsadkit.models import load_clip
+from zsadkit.models.runtime import peak_memory_mib, reset_peak_memory, synchronize
 from zsadkit.recipes.aaclip import STAGE1, STAGE2, fit
 
 CPU_MODELS = "zsad-tiny:112,ViT-B-16:224"
@@ -43,32 +43,10 @@ CPU_MODELS = "zsad-tiny:112,ViT-B-16:224"
 GPU_ROW = ("ViT-L-14-336", 518, "cuda")
 
 
-def peak_memory_mib(device: str) -> float:
-    """Peak since the last `reset_peak`: CUDA allocator peak, or the process's resident-set high-water mark."""
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated() / 2**20
-    status = Path("/proc/self/status")
-    if status.exists():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024  # kB
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # lifetime peak (no per-phase reset)
 
 
-def reset_peak(device: str) -> None:
-    """Start a new peak-memory phase (on Linux, writing 5 to clear_refs resets the RSS high-water mark)."""
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        return
-    clear_refs = Path("/proc/self/clear_refs")
-    if clear_refs.exists():
-        clear_refs.write_text("5")
 
 
-def synchronize(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def fastest_epoch(log: list[dict], stage: int) -> float:
@@ -91,12 +69,12 @@ def bench(backbone: str, image_size: int, device: str, n_images: int, batch: int
     with tempfile.TemporaryDirectory(prefix="zsad-bench-cache-") as cache_root:
         log = fit(model, samples, stage1, no_stage2, cache_root=cache_root, device=device).log
         row["stage-1 epoch s (building the cache)"] = fastest_epoch(log, 1)
-        reset_peak(device)
+        reset_peak_memory(device)
         log = fit(model, samples, stage1, no_stage2, cache_root=cache_root, device=device).log
         row["stage-1 epoch s (cache)"] = fastest_epoch(log, 1)
         row["stage-1 peak MiB (cache)"] = peak_memory_mib(device)
         row["cache MiB per epoch"] = sum(path.stat().st_size for path in Path(cache_root).glob("*-e001-*/*.npy")) / 2**20
-    reset_peak(device)  # after the cached runs, so that first-call costs (imports, file cache) fall on those
+    reset_peak_memory(device)  # after the cached runs, so that first-call costs (imports, file cache) fall on those
     log = fit(model, samples, stage1, no_stage2, use_cache=False, device=device).log
     row["stage-1 epoch s (no cache)"] = fastest_epoch(log, 1)
     row["stage-1 peak MiB (no cache)"] = peak_memory_mib(device)
@@ -106,13 +84,13 @@ def bench(backbone: str, image_size: int, device: str, n_images: int, batch: int
                   stage1_feature_draws="once").log
         row["stage-1 epoch s (draws once, first run)"] = fastest_epoch(log, 1)
 
-    reset_peak(device)
+    reset_peak_memory(device)
     log = fit(model, samples, replace(STAGE1, epochs=0), replace(STAGE2, epochs=1), device=device).log
     row["stage-2 epoch s"] = fastest_epoch(log, 2)
     row["stage-2 peak MiB"] = peak_memory_mib(device)
 
     images = torch.randn(batch, 3, image_size, image_size, device=device)
-    reset_peak(device)
+    reset_peak_memory(device)
     model.predict(images, ["bottle"] * batch)  # warm-up; the anchors are cached
     best = float("inf")
     for _ in range(repeats):

@@ -20,11 +20,9 @@ On a shared CPU, set OMP_NUM_THREADS to the cores you own: contention makes timi
 from __future__ import annotations
 
 import argparse
-import resource
 import tempfile
 import time
 import warnings
-from pathlib import Path
 
 import torch
 
@@ -32,36 +30,9 @@ from zsadkit.experiment import RunConfig, load_split
 from zsadkit.feature_cache import cached_rows
 from zsadkit.methods.anomalyclip import AnomalyCLIP, reference_config
 from zsadkit.models import load_clip
+from zsadkit.models.runtime import peak_memory_mib, reset_peak_memory, synchronize
 from zsadkit.recipes.anomalyclip import fit
 from zsadkit.training import TrainConfig
-
-
-def peak_memory_mib(device: str) -> float:
-    """Peak since the last `reset_peak`: CUDA allocator peak, or the process's resident-set high-water mark."""
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated() / 2**20
-    status = Path("/proc/self/status")
-    if status.exists():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024  # kB
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # lifetime peak (no per-phase reset)
-
-
-def reset_peak(device: str) -> None:
-    """Start a new peak-memory phase (on Linux, writing 5 to clear_refs resets the RSS high-water mark)."""
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        return
-    clear_refs = Path("/proc/self/clear_refs")
-    if clear_refs.exists():
-        clear_refs.write_text("5")
-
-
-def synchronize(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def bench(backbone: str, image_size: int, device: str, n_images: int, batch: int, epochs: int, repeats: int) -> dict:
@@ -75,7 +46,7 @@ def bench(backbone: str, image_size: int, device: str, n_images: int, batch: int
     row: dict[str, object] = {"backbone": f"{backbone}@{image_size}", "device": device, "images": n_images}
 
     images = torch.randn(batch, 3, image_size, image_size, device=device)
-    reset_peak(device)
+    reset_peak_memory(device)
     model.predict(images, ["object"] * batch)  # warm-up, text features cached
     best = float("inf")
     for _ in range(repeats):
@@ -88,12 +59,12 @@ def bench(backbone: str, image_size: int, device: str, n_images: int, batch: int
     row["predict peak MiB"] = peak_memory_mib(device)
 
     config = TrainConfig(epochs=epochs, batch_size=batch, seed=111)
-    reset_peak(device)
+    reset_peak_memory(device)
     no_cache = fit(model, samples, config, use_cache=False, device=device)
     row["epoch s (no cache)"] = min(r["seconds"] for r in no_cache.log)
     row["train peak MiB (no cache)"] = peak_memory_mib(device)
     with tempfile.TemporaryDirectory(prefix="zsad-bench-cache-") as cache_root:
-        reset_peak(device)
+        reset_peak_memory(device)
         started = time.perf_counter()
         rows = cached_rows(model, samples, name="anomalyclip", cache_root=cache_root, batch_size=batch, device=device)
         row["cache build s"] = time.perf_counter() - started

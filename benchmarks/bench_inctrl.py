@@ -24,12 +24,10 @@ On a shared CPU, set OMP_NUM_THREADS to the cores you own: contention makes timi
 from __future__ import annotations
 
 import argparse
-import resource
 import tempfile
 import time
 import warnings
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 
@@ -37,35 +35,8 @@ from zsadkit.experiment import RunConfig, load_split
 from zsadkit.feature_cache import cached_rows
 from zsadkit.methods.inctrl import InCTRL, patch_residuals, reference_config
 from zsadkit.models import load_clip
+from zsadkit.models.runtime import peak_memory_mib, reset_peak_memory, synchronize
 from zsadkit.recipes.inctrl import InCTRLTrainingConfig, auxiliary_samples, fit
-
-
-def peak_memory_mib(device: str) -> float:
-    """Peak since the last `reset_peak`: CUDA allocator peak, or the process's resident-set high-water mark."""
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated() / 2**20
-    status = Path("/proc/self/status")
-    if status.exists():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024  # kB
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # lifetime peak (no per-phase reset)
-
-
-def reset_peak(device: str) -> None:
-    """Start a new peak-memory phase (on Linux, writing 5 to clear_refs resets the RSS high-water mark)."""
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        return
-    clear_refs = Path("/proc/self/clear_refs")
-    if clear_refs.exists():
-        clear_refs.write_text("5")
-
-
-def synchronize(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def timed(device: str, function, repeats: int) -> float:
@@ -103,7 +74,7 @@ def bench_predict(model: InCTRL, device: str, batch: int, shots: int, repeats: i
     model.fit_references(torch.randn(shots, 3, size, size, device=device))
     images = torch.randn(batch, 3, size, size, device=device)
     names = [f"class {i % 4}" for i in range(batch)]
-    reset_peak(device)
+    reset_peak_memory(device)
     row["predict img/s (text cached)"] = batch / timed(device, lambda: model.predict(images, names), repeats)
     row["predict peak MiB"] = peak_memory_mib(device)
     model.config = replace(model.config, cache_text_features=False)
@@ -132,12 +103,12 @@ def bench(backbone: str, image_size: int, device: str, steps: int, shots: int, b
     cfg = RunConfig(profile="smoke")
     samples = auxiliary_samples(lambda dataset, split: load_split(cfg, dataset, split), "synth-aux")
     config = InCTRLTrainingConfig(shots=shots, epochs=1, steps_per_epoch=steps, select_epoch=None)
-    reset_peak(device)
+    reset_peak_memory(device)
     no_cache = fit(model, samples, config, use_cache=False, resize="squash", device=device)
     row["epoch s (no cache)"] = no_cache.log[-1]["seconds"]
     row["train peak MiB (no cache)"] = peak_memory_mib(device)
     with tempfile.TemporaryDirectory(prefix="zsad-bench-inctrl-") as cache_root:
-        reset_peak(device)
+        reset_peak_memory(device)
         started = time.perf_counter()
         rows = cached_rows(model, samples, name="inctrl", cache_root=cache_root, batch_size=16, device=device)
         row["cache build s"] = time.perf_counter() - started

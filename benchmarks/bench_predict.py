@@ -37,7 +37,6 @@ On a shared CPU the timings are noisy: the best of `--repeats` is printed, with 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import tempfile
 import time
@@ -56,7 +55,14 @@ from zsadkit.data.records import Sample
 from zsadkit.experiment import RunConfig, load_split
 from zsadkit.methods import build_method
 from zsadkit.metrics.ranking import image_auroc, pixel_auroc
-from zsadkit.models.runtime import explicit_attention, inference, run_settings, tower_autocast
+from zsadkit.models.runtime import (
+    explicit_attention,
+    inference,
+    peak_memory_mib,
+    reset_peak_memory,
+    run_settings,
+    tower_autocast,
+)
 
 ALL_METHODS = ["clip", "clip-ac", "winclip", "vand", "coop", "anomalyclip", "headclip", "inctrl", "aaclip"]
 
@@ -72,24 +78,8 @@ DEFAULT_LOOP = (1, False, "no public reference loop: batch 1, fp32")
 
 
 # ----------------------------------------------------------------------------------------------- measurement
-def peak_memory_mib(device: torch.device) -> float:
-    """Peak memory since `reset_peak`: the process's RSS high-water mark (Linux) or CUDA's allocator peak."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
-def reset_peak(device: torch.device) -> None:
-    """Start a new peak-memory phase (on Linux, writing 5 to clear_refs resets the RSS high-water mark)."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    clear_refs = Path("/proc/self/clear_refs")
-    if clear_refs.exists():
-        with contextlib.suppress(OSError):
-            clear_refs.write_text("5")
 
 
 def timed(device: torch.device, run: Callable[[], Any]) -> float:
@@ -223,7 +213,7 @@ def bench_method(method: str, args: argparse.Namespace, samples: list[Sample], d
                     for _ in range(passes):
                         tower()
 
-            reset_peak(device)
+            reset_peak_memory(device)
             run_predict()
             peak = peak_memory_mib(device)
             runs = {"predict": run_predict, "encode": run_encode, "tower": run_tower}

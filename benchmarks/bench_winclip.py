@@ -19,11 +19,7 @@ import torch
 
 from zsadkit.methods.winclip import WinClip, WinClipConfig, window_count
 from zsadkit.models import load_clip
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from zsadkit.models.runtime import synchronize
 
 
 @torch.no_grad()

@@ -109,3 +109,13 @@ def test_evaluate_with_metrics_on_device_gives_the_cpu_rows() -> None:
     on_cpu = engine.evaluate(detector, samples, **options)
     assert set(on_cpu.level) == {"image", "pixel"}
     pd.testing.assert_frame_equal(on_device, on_cpu)
+
+
+def test_peak_memory_of_a_block_counts_what_it_allocated() -> None:
+    from zsadkit.models.runtime import PeakMemory
+
+    with PeakMemory("cpu") as memory:
+        block = torch.ones(50 * 2**20 // 4 * 4)  # 200 MiB of float32, touched
+        del block
+    assert memory.kind.startswith("process RSS peak")
+    assert memory.above_start >= 190 and memory.mib >= memory.above_start

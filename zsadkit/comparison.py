@@ -16,8 +16,9 @@ number differs from this one.
   pass through `Evaluator(class_hook=...)`; the mean row's interval is that of the class mean) and mean ± std over
   seeds (prompt seeds of few-shot contenders, training seeds of trained ones).
 * Cost from the same run: trainable parameters, training seconds per epoch (all stages' epochs), test images per
-  second (prediction and metrics; the bootstrap excluded), peak memory (CUDA: torch's peak allocation; CPU: the
-  process's peak RSS above its RSS at the start of the cell, sampled every 20 ms, so approximate).
+  second (prediction and metrics; the bootstrap excluded), peak memory (`zsadkit.models.runtime.PeakMemory`:
+  CUDA: torch's peak allocation; CPU: the process's peak resident set (VmHWM, reset at the cell's start) above its
+  resident set at the start).
 
 `run_cell` is one grid cell (a contender on one run with one training seed, `zsadkit.grid.run_grid`);
 `result_rows`, `leaderboard`, `paired_with_best`, `friedman_blocks`, `cost_table` shape its results, and
@@ -27,7 +28,6 @@ number differs from this one.
 from __future__ import annotations
 
 import importlib
-import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -36,7 +36,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 from matplotlib.figure import Figure
 
 from zsadkit.data.records import Sample
@@ -44,6 +43,7 @@ from zsadkit.engine import ReferenceSets, evaluate, evaluate_few_shot
 from zsadkit.experiment import RunConfig, load_split
 from zsadkit.methods import Detector, registered_methods
 from zsadkit.metrics import ClassSamples
+from zsadkit.models.runtime import PeakMemory
 from zsadkit.protocols import (
     beside_published,
     comparison_protocol,
@@ -69,7 +69,6 @@ __all__ = [
     "CellResult",
     "Contender",
     "Evaluation",
-    "PeakMemory",
     "Plan",
     "PublishedSource",
     "contender_label",
@@ -276,7 +275,7 @@ class CellResult:
         trainable_parameters: learned tensors' elements (all models of the cell, e.g. InCTRL's per K).
         train_seconds_per_epoch: training seconds / epochs, all stages and models (NaN when nothing was trained).
         epochs: what was trained ("15", AA-CLIP "5+20", "" for nothing).
-        peak_memory_mb: `PeakMemory` of the whole cell.
+        peak_memory_mb: `zsadkit.models.runtime.PeakMemory` of the whole cell (above its start).
         memory_kind: what that measures.
         log: the training log rows.
     """
@@ -291,44 +290,6 @@ class CellResult:
     peak_memory_mb: float
     memory_kind: str
     log: list[dict] = field(default_factory=list)
-
-
-class PeakMemory:
-    """Peak memory of a block: on CUDA torch's peak allocation on the device; on CPU the process's peak resident
-    set above its size at the start of the block (sampled every `interval` seconds, an approximation: memory
-    freed by earlier work and reused does not count)."""
-
-    def __init__(self, device: str, interval: float = 0.02) -> None:
-        self.device, self.interval = str(device), interval
-        self.megabytes = float("nan")
-        self.kind = "cuda peak allocated" if self.device.startswith("cuda") else "process RSS above start"
-
-    def __enter__(self) -> PeakMemory:
-        if self.device.startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self._start = torch.cuda.memory_allocated(self.device)
-            return self
-        import psutil
-
-        self._process = psutil.Process()
-        self._start = self._peak = self._process.memory_info().rss
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.wait(self.interval):
-            self._peak = max(self._peak, self._process.memory_info().rss)
-
-    def __exit__(self, *exc_info: object) -> None:
-        if self.device.startswith("cuda"):
-            peak = torch.cuda.max_memory_allocated(self.device)
-        else:
-            self._stop.set()
-            self._thread.join()
-            peak = max(self._peak, self._process.memory_info().rss)
-        self.megabytes = (peak - self._start) / 2**20
 
 
 @dataclass
@@ -498,7 +459,7 @@ def run_cell(cell: Mapping[str, Any], *, contenders: Mapping[str, Contender], co
     train_seconds = sum(float(row.get("seconds", 0.0)) for row in training.log)
     return CellResult(contender.name, cell["train_set"] if trained else "none", seed, evaluations,
                       training.parameters, train_seconds / len(training.log) if training.log else float("nan"),
-                      training.epochs, memory.megabytes, memory.kind, training.log)
+                      training.epochs, memory.above_start, memory.kind, training.log)
 
 
 # ---------------------------------------------------------------------------------------------- rows

@@ -15,7 +15,8 @@ None of these changes what a method computes, only how (and, for bf16/fp16, how 
   the `zsadkit.verify` commands compare by default) and the variant attentions through SDPA.
 
 `inference(precision)` is what `zsadkit.engine.predict` and `zsadkit.predict` wrap a detector's calls in:
-`torch.inference_mode` plus the precision.
+`torch.inference_mode` plus the precision. `PeakMemory` measures a block's peak memory (CUDA allocator, or the
+process's resident set on CPU) for the benchmarks and the comparison's cost columns.
 
 Example:
     >>> with run_settings(precision="bf16"):
@@ -30,6 +31,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,6 +39,7 @@ import torch
 __all__ = [
     "ATTENTION_KERNELS",
     "PRECISIONS",
+    "PeakMemory",
     "attention_kernel",
     "autocast_dtype",
     "check_precision",
@@ -45,7 +48,10 @@ __all__ = [
     "explicit_attention",
     "frozen_features",
     "inference",
+    "peak_memory_mib",
+    "reset_peak_memory",
     "run_settings",
+    "synchronize",
     "tower_autocast",
 ]
 
@@ -140,3 +146,75 @@ def cpu_has_bf16() -> bool:
     amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
     return bool((check is not None and check()) or (amx is not None and amx()))
 
+
+
+# ----------------------------------------------------------------------------------------------- measurement
+def synchronize(device: str | torch.device) -> None:
+    """Wait for the device's queued work (CUDA); a no-op on CPU."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _status_mib(field: str) -> float | None:
+    """A memory line of /proc/self/status (Linux) in MiB, or None elsewhere."""
+    status = Path("/proc/self/status")
+    if not status.exists():
+        return None
+    for line in status.read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) / 1024  # kB
+    return None
+
+
+def reset_peak_memory(device: str | torch.device) -> bool:
+    """Start a new peak-memory phase: CUDA's allocator peak, or on Linux the process's resident-set high-water
+    mark (writing 5 to /proc/self/clear_refs). False where the CPU mark cannot be reset (it is the process's)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return True
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def peak_memory_mib(device: str | torch.device) -> float:
+    """Peak since `reset_peak_memory`: CUDA's allocated peak, or the process's resident-set high-water mark
+    (VmHWM; `resource.getrusage` where /proc is absent, a lifetime peak)."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    peak = _status_mib("VmHWM")
+    if peak is not None:
+        return peak
+    import resource
+    import sys
+
+    maximum = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return maximum / 2**20 if sys.platform == "darwin" else maximum / 1024  # macOS: bytes; Linux: kB
+
+
+class PeakMemory:
+    """Peak memory of a `with` block: `mib` (the peak) and `above_start` (the peak minus what was in use when the
+    block began). CUDA: the allocator's; CPU: the process's resident set (`kind` says which, and whether the CPU
+    mark could be reset: if not, the peak is the process's lifetime peak)."""
+
+    def __init__(self, device: str | torch.device) -> None:
+        self.device = torch.device(device)
+        self.mib = self.above_start = float("nan")
+        self.kind = ""
+
+    def __enter__(self) -> PeakMemory:
+        cuda = self.device.type == "cuda"
+        reset = reset_peak_memory(self.device)
+        self._start = (torch.cuda.memory_allocated(self.device) / 2**20 if cuda
+                       else (_status_mib("VmRSS") or peak_memory_mib(self.device)))
+        self.kind = ("cuda peak allocated" if cuda else
+                     "process RSS peak" if reset else "process RSS peak (lifetime: the mark could not be reset)")
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        synchronize(self.device)
+        self.mib = peak_memory_mib(self.device)
+        self.above_start = self.mib - self._start

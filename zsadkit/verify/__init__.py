@@ -20,7 +20,7 @@ import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -69,13 +69,18 @@ def int_setting(mapping: Mapping, key: str, file: Path | str) -> int:
     return _setting(mapping, key, file, "an integer", _integer)
 
 
-def ints_setting(mapping: Mapping, key: str, file: Path | str) -> tuple[int, ...]:
-    """The list of integers `mapping[key]` of `file` (e.g. ``"levels": [6, 12, 18, 24]``)."""
-    def parse(value: object) -> tuple[int, ...]:
+def _list_of(parse_item: Callable[[object], Any]) -> Callable[[object], tuple]:
+    """A parser of a JSON list whose items `parse_item` reads."""
+    def parse(value: object) -> tuple:
         if not isinstance(value, (list, tuple)):
             raise TypeError(f"not a list: {value!r}")
-        return tuple(_integer(item) for item in value)
-    return _setting(mapping, key, file, "a list of integers", parse)
+        return tuple(parse_item(item) for item in value)
+    return parse
+
+
+def ints_setting(mapping: Mapping, key: str, file: Path | str) -> tuple[int, ...]:
+    """The list of integers `mapping[key]` of `file` (e.g. ``"levels": [6, 12, 18, 24]``)."""
+    return _setting(mapping, key, file, "a list of integers", _list_of(_integer))
 
 
 def float_setting(mapping: Mapping, key: str, file: Path | str) -> float:
@@ -85,11 +90,7 @@ def float_setting(mapping: Mapping, key: str, file: Path | str) -> float:
 
 def floats_setting(mapping: Mapping, key: str, file: Path | str) -> tuple[float, ...]:
     """The list of numbers `mapping[key]` of `file` (e.g. ``"betas": [0.5, 0.999]``)."""
-    def parse(value: object) -> tuple[float, ...]:
-        if not isinstance(value, (list, tuple)):
-            raise TypeError(f"not a list: {value!r}")
-        return tuple(_number(item) for item in value)
-    return _setting(mapping, key, file, "a list of numbers", parse)
+    return _setting(mapping, key, file, "a list of numbers", _list_of(_number))
 
 
 @dataclass
