@@ -53,18 +53,18 @@ from zsadkit import predict as predict_module
 from zsadkit.data.dataset import AnomalyDataset
 from zsadkit.data.records import Sample
 from zsadkit.experiment import RunConfig, load_split
-from zsadkit.methods import build_method
+from zsadkit.methods import build_method, registered_methods
 from zsadkit.metrics.ranking import image_auroc, pixel_auroc
 from zsadkit.models.runtime import (
-    explicit_attention,
     inference,
     peak_memory_mib,
     reset_peak_memory,
     run_settings,
+    synchronize,
     tower_autocast,
 )
 
-ALL_METHODS = ["clip", "clip-ac", "winclip", "vand", "coop", "anomalyclip", "headclip", "inctrl", "aaclip"]
+ALL_METHODS = registered_methods()
 
 #: How each reference runs inference: (batch size, text encoded per sample?, where it says so).
 REFERENCE_LOOPS: dict[str, tuple[int, bool, str]] = {
@@ -78,18 +78,12 @@ DEFAULT_LOOP = (1, False, "no public reference loop: batch 1, fp32")
 
 
 # ----------------------------------------------------------------------------------------------- measurement
-
-
-
-
 def timed(device: torch.device, run: Callable[[], Any]) -> float:
     """Seconds of one `run()`, the GPU synchronised before and after."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    synchronize(device)
     start = time.perf_counter()
     run()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    synchronize(device)
     return time.perf_counter() - start
 
 
@@ -145,15 +139,15 @@ def clear_text_caches(detector: Any) -> None:
 def reference_loop(method: str, detector: Any, samples: list[Sample], image_size: int,
                    device: torch.device) -> Callable[[], None]:
     """A port of the reference's test loop built from the method's own modules: its batch size (1 for most), fp32,
-    `torch.no_grad` (no inference mode), attention with the N × N weights written out (as the references'
-    `nn.MultiheadAttention` and DPAM code compute it), no loader workers, text encoded per sample where the
-    reference does so (InCTRL) and once before the loop otherwise."""
+    `torch.no_grad` (no inference mode), the plain blocks through open_clip's `nn.MultiheadAttention` (the
+    references' blocks; the "module" kernel) and the variant attentions (DPAM, V-V) through SDPA, no loader
+    workers, text encoded per sample where the reference does so (InCTRL) and once before the loop otherwise."""
     batch_size, text_per_sample, _ = REFERENCE_LOOPS.get(method, DEFAULT_LOOP)
     loader = DataLoader(AnomalyDataset(samples, image_size=image_size), batch_size=batch_size, shuffle=False)
 
     def run() -> None:
         clear_text_caches(detector)
-        with torch.no_grad(), explicit_attention(), run_settings(precision="fp32"):
+        with torch.no_grad(), run_settings(precision="fp32", attention="module"):
             for batch in loader:
                 if text_per_sample:
                     clear_text_caches(detector)
@@ -217,8 +211,7 @@ def bench_method(method: str, args: argparse.Namespace, samples: list[Sample], d
             run_predict()
             peak = peak_memory_mib(device)
             runs = {"predict": run_predict, "encode": run_encode, "tower": run_tower}
-            if batch == args.batch_sizes[0] and precision == args.precision[0]:
-                runs.update(ref_runs)
+            runs.update(ref_runs)  # the reference loop in every round, so each vs_ref is measured side by side
             seconds = alternate(device, runs, args.repeats)
             n = len(samples)
             rates = {name: images_per_second(n, times) for name, times in seconds.items()}

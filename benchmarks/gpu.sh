@@ -52,6 +52,9 @@ for module in "${!DISTRIBUTIONS[@]}"; do
   ${PYTHON} -c "import ${module}" 2>/dev/null || missing+=("${module}")
 done
 ${PYTHON} -c "import torch, torchvision" || { echo "gpu.sh: python3 needs torch and a matching torchvision" >&2; exit 1; }
+if (( ${#missing[@]} > ${#MINIMAL[@]} )) && ! ${PYTHON} -c "import sys; sys.exit(sys.version_info[:2] != (3, 12))"; then
+  echo "gpu.sh: the carried 'full' wheels are for CPython 3.12; this python is $(${PYTHON} -V)" >&2; exit 1
+fi
 if (( ${#missing[@]} )); then
   wheels=()
   for module in "${missing[@]}"; do

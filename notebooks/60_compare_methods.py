@@ -53,7 +53,7 @@ n_resamples = 1000  # bootstrap resamples per class (0: no intervals)
 pixel_resamples = 200  # bootstrap resamples of the pixel metrics (0: none; they cost more)
 bootstrap_seed = 0
 aupimo = False  # add AUPIMO (per-image overlap) to the pixel metrics
-pro = "cflow200"
+pro = ""  # AU-PRO variant; "": the comparison protocol's (zsadkit/protocols.yaml)
 winclip_backbone = ""  # "": the run's backbone; paper: ViT-B-16-plus-240
 winclip_pretrained = ""  # paper: laion400m_e31
 winclip_image_size = 0  # paper: 240
@@ -84,9 +84,10 @@ runs = runs or comparison.runs_for(cfg.data_root)
 contenders = comparison.contenders(methods, shots)
 configs = {"": cfg, "winclip": cfg.with_backbone(winclip_backbone, winclip_pretrained or None, winclip_image_size),
            "inctrl": cfg.with_backbone(inctrl_backbone, inctrl_pretrained or None, inctrl_image_size)}
+pro = pro or protocol["pro"]
 plan = comparison.Plan(
     output=str(cfg.output / "compare"), data_protocol=protocol["data_protocol"], epochs=epochs,
-    steps_per_epoch=steps_per_epoch, subsample=subsample, pro=pro, aupimo=aupimo,
+    steps_per_epoch=steps_per_epoch, subsample=subsample, pro=pro, resize=protocol["resize"], aupimo=aupimo,
     image_bootstrap=BootstrapConfig(n_resamples, bootstrap_seed, levels=("image",)) if n_resamples else None,
     pixel_bootstrap=(BootstrapConfig(pixel_resamples, bootstrap_seed, levels=("pixel",), pro=pro, aupimo=aupimo)
                      if pixel_resamples else None),
@@ -210,8 +211,8 @@ if friedman is not None:
 # %% [markdown]
 # ## Cost against accuracy, from the same run
 #
-# Peak memory on CPU is the process's resident set above its size when the cell started (sampled; an
-# approximation), on CUDA torch's peak allocation. Training time per epoch counts every stage's epochs.
+# Peak memory on CPU is the process's peak resident set (VmHWM, reset when the cell starts) above its size when
+# the cell started, on CUDA torch's peak allocation. Training time per epoch counts every stage's epochs.
 
 # %%
 cost = comparison.cost_table(results_cells)

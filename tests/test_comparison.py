@@ -88,6 +88,11 @@ def check_leaderboard(board: pd.DataFrame, labels: set[tuple[str, int]]) -> None
     assert ((image_auroc.ci_low <= image_auroc.value) & (image_auroc.value <= image_auroc.ci_high)).all()
     few_shot = image_auroc[image_auroc.shots > 0]
     assert (few_shot.n_seeds == 2).all() and few_shot["std"].notna().all()
+    pixel_auroc = board[(board.level == "pixel") & (board.metric == "auroc")]  # the synthetic sets have masks
+    assert {(m, k) for m, k in zip(pixel_auroc.method, pixel_auroc.shots, strict=True)} == {
+        label for label in labels}  # every contender maps pixels
+    assert pixel_auroc[["value", "ci_low", "ci_high"]].notna().all().all()
+    assert (pixel_auroc.ci_low <= pixel_auroc.ci_high).all()  # a percentile interval of few resamples may miss
 
 
 def test_compare_notebook_runs_a_reduced_smoke_grid(tmp_path: Path) -> None:

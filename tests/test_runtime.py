@@ -64,6 +64,19 @@ def test_bf16_autocast_keeps_auroc_on_the_synthetic_set(name: str) -> None:
     assert abs(image_auroc(batch["label"], half.image_scores) - image_auroc(batch["label"], full.image_scores)) <= 0.005
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_reduced_precision_changes_the_tower_and_stays_close(precision: str) -> None:
+    """A quick default-suite check that `engine.predict(precision=...)` reaches the tower (the maps change: no
+    silent fp32 fall-back) and keeps the maps close; the AUROC tolerances are the slow test's."""
+    samples = load_split(RunConfig(), "synth-target")[:4]
+    detector = build_method("anomalyclip", backbone="zsad-tiny", image_size=64, backbone_seed=0, train_seed=0)
+    full = torch.cat([p.anomaly_maps for _, p in engine.predict(detector, samples, image_size=64, batch_size=4)])
+    reduced = torch.cat([p.anomaly_maps for _, p in engine.predict(detector, samples, image_size=64, batch_size=4,
+                                                                   precision=precision)])
+    assert reduced.dtype == torch.float32 and not torch.equal(reduced, full)
+    assert (reduced - full).abs().max() < 0.05
+
+
 def test_run_settings_restore_and_reject_unknown_values() -> None:
     with run_settings(precision="bf16", attention="explicit"):
         assert (current_precision(), attention_kernel()) == ("bf16", "explicit")

@@ -204,7 +204,8 @@ class Plan:
         epochs: 0 = each recipe's schedule; n = n epochs for every stage of every trained contender.
         steps_per_epoch: InCTRL's steps per epoch (0 = its recipe's).
         subsample: keep every n-th auxiliary and test image (1 = all).
-        pro: AU-PRO variant of the Evaluator.
+        pro: AU-PRO variant of the Evaluator (the comparison protocol's `pro`).
+        resize: how every contender's images are brought to S × S (the comparison protocol's `resize`).
         aupimo: add the pixel metric AUPIMO.
         image_bootstrap: the image-level resampling (None = no interval).
         pixel_bootstrap: the pixel-level resampling (None = no interval).
@@ -219,6 +220,7 @@ class Plan:
     steps_per_epoch: int = 0
     subsample: int = 1
     pro: str | None = "cflow200"
+    resize: str = "squash"
     aupimo: bool = False
     image_bootstrap: BootstrapConfig | None = None
     pixel_bootstrap: BootstrapConfig | None = None
@@ -383,7 +385,7 @@ def _train(contender: Contender, cfg: RunConfig, plan: Plan, train_set: str, see
                 select_epoch=contender.schedule.get("select_epoch", defaults.select_epoch),
                 checkpoint_dir=str(folder / f"k{k}"))
             result = recipe.fit(model, auxiliary, config, cache_root=plan.cache_root or None,
-                                cache_dtype=plan.cache_dtype, resize="squash", device=cfg.device)
+                                cache_dtype=plan.cache_dtype, resize=plan.resize, device=cfg.device)
             models[k] = model
             log += [{"shots": k, **row} for row in result.log]
             checkpoints.append(result.selected_checkpoint)
@@ -413,7 +415,7 @@ def _score(detector: Detector, cfg: RunConfig, plan: Plan, test_samples: Sequenc
     if plan.image_bootstrap is not None or plan.pixel_bootstrap is not None:
         options["class_hook"] = hook
     common = dict(dataset=dataset, image_size=cfg.image_size, batch_size=cfg.batch_size, device=cfg.device,
-                  pro=plan.pro, evaluator_options=options)
+                  pro=plan.pro, resize=plan.resize, evaluator_options=options)
     start = time.perf_counter()
     if references is None:
         rows = evaluate(detector, test_samples, **common)

@@ -30,7 +30,7 @@ from zsadkit.data.transforms import ResizeMode
 from zsadkit.feature_cache import cached_rows
 from zsadkit.methods.base import Detector, FeatureModel, Prediction
 from zsadkit.metrics import Evaluator
-from zsadkit.models.runtime import check_precision, inference
+from zsadkit.models.runtime import check_precision, inference, run_settings
 
 __all__ = ["ReferenceSets", "compile_tower", "draw_reference_sets", "evaluate", "evaluate_cached", "evaluate_few_shot", "predict",
            "read_reference_sets", "sample_references", "score_predictions", "write_reference_sets"]
@@ -159,15 +159,17 @@ def evaluate(
     precision: str = "fp32",
     metrics_on_device: bool = False,
     evaluator_options: Mapping[str, Any] | None = None,
+    resize: str = "squash",
 ) -> pd.DataFrame:
     """Per-class and mean metric rows (dataset, class_name, level, metric, value, note) of `detector`.
 
     Pixel metrics are computed only when the dataset has masks; image-level-only datasets give image rows.
     `precision`: the image tower's, as in `predict`. `metrics_on_device`: keep the maps on `device` and sort the
     pixels there (`Evaluator(device=...)`, identical values). `evaluator_options`: as `score_predictions`.
+    `resize`: how images are brought to S × S, as in `predict`.
     """
     pairs = predict(detector, samples, image_size=image_size, batch_size=batch_size, device=device, progress=progress,
-                    precision=precision, keep_on_device=metrics_on_device)
+                    precision=precision, keep_on_device=metrics_on_device, resize=resize)
     return score_predictions(pairs, dataset=dataset, has_masks=_has_masks(samples), pro=pro,
                              metrics_device=device if metrics_on_device else None,
                              evaluator_options=evaluator_options)
@@ -333,7 +335,8 @@ def evaluate_few_shot(
 
     def pairs() -> Iterator[tuple[dict, Prediction]]:
         for class_name in sorted({s.class_name for s in test_samples}):
-            detector.fit_references(reference_images(class_name).to(device))
+            with torch.no_grad(), run_settings(precision=precision):  # the references' tower in the same precision
+                detector.fit_references(reference_images(class_name).to(device))
             class_samples = [s for s in test_samples if s.class_name == class_name]
             yield from predict(detector, class_samples, image_size=image_size, batch_size=batch_size, device=device,
                                progress=progress, resize=resize, precision=precision)

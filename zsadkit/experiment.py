@@ -44,7 +44,6 @@ from zsadkit.data.records import Sample
 from zsadkit.grid import EXECUTORS
 from zsadkit.methods import Detector, build_method
 from zsadkit.models import load_backbone
-from zsadkit.models.runtime import PRECISIONS
 from zsadkit.paths import SMOKE_DATA_ROOT, results_dir
 from zsadkit.protocols import subset
 from zsadkit.results import Provenance
@@ -70,8 +69,6 @@ class RunConfig:
         backbone_seed: seed of random backbone weights.
         train_seed: seed of a method's initialisation, data order and few-shot draws.
         batch_size: images per forward pass at test time.
-        precision: the image tower's precision at test time, "fp32", "bf16" or "fp16" (`zsadkit.models.runtime`;
-            pass it to `zsadkit.engine.evaluate(precision=...)`).
         executor: where the notebook's grid runs (`zsadkit.grid.run_grid`): "local" (serially) or "dask".
         scheduler: address of a Dask scheduler for executor "dask"; "" starts a local cluster. Neither changes a
             result: they are not part of `settings()`.
@@ -87,15 +84,12 @@ class RunConfig:
     backbone_seed: int = 0
     train_seed: int = 111
     batch_size: int = 8
-    precision: str = "fp32"
     executor: str = "local"
     scheduler: str = ""
 
     def __post_init__(self) -> None:
         if self.profile not in PROFILES:
             raise ValueError(f"profile must be one of {PROFILES}, got {self.profile!r}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.executor not in EXECUTORS:
             raise ValueError(f"executor must be one of {EXECUTORS}, got {self.executor!r}")
         if not self.out_dir:

@@ -60,7 +60,6 @@ import open_clip
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from matplotlib import colormaps
 from PIL import Image
 from safetensors import safe_open
 from torch.utils.data import DataLoader, Dataset, default_collate
@@ -74,7 +73,7 @@ from zsadkit.data.records import Sample, read_manifest
 from zsadkit.engine import sample_references
 from zsadkit.methods import Detector, build_method, registered_methods
 from zsadkit.models import BUILTIN_RANDOM_MODELS, PretrainedWeightsUnavailableError
-from zsadkit.models.runtime import PRECISIONS, inference
+from zsadkit.models.runtime import PRECISIONS, inference, run_settings
 from zsadkit.protocols import method_backbone
 from zsadkit.results import PROVENANCE_COLUMNS, Provenance, code_commit
 
@@ -427,6 +426,8 @@ def _overlay(image_path: Path, anomaly_map: torch.Tensor) -> Image.Image:
                             align_corners=False)[0, 0].numpy()
     spread = float(resized.max() - resized.min())
     normalised = (resized - resized.min()) / spread if spread > 0 else np.zeros_like(resized)
+    from matplotlib import colormaps  # here: scoring without overlays needs no matplotlib (benchmarks/gpu.sh)
+
     heat = (colormaps["jet"](normalised)[..., :3] * 255).astype(np.uint8)
     return Image.fromarray((0.5 * np.asarray(image) + 0.5 * heat).astype(np.uint8))
 
@@ -511,7 +512,8 @@ class _Scorer:
         with tqdm(total=len(samples), desc="predict", disable=not progress, file=sys.stderr) as bar:
             for word, indices in self.groups(samples):
                 if self.references and self.fitted != (word,):
-                    self.detector.fit_references(self.references[word].to(self.device))
+                    with run_settings(precision=self.precision):  # the references in the images' precision
+                        self.detector.fit_references(self.references[word].to(self.device))
                     self.fitted = (word,)
                 group = [samples[i] for i in indices]
                 loader = DataLoader(_ReadableImages(group, self.image_size), batch_size=self.batch_size,
