@@ -134,6 +134,17 @@ def test_dask_cells_give_the_serial_bits_whatever_the_workers_thread_count(clust
     assert single != serial[0]  # the premise: the thread count changes the bits (the workers run 1 thread)
 
 
+def sum_with_shared(cell: dict, data: dict, items: list) -> int:
+    return cell["index"] + sum(data["a"]) + len(items)
+
+
+def test_dask_cells_get_shared_lists_and_dicts_whole(cluster, tmp_path: Path) -> None:
+    cells = [{"index": index} for index in range(3)]
+    shared = {"data": {"a": [1, 2]}, "items": ["x", "y"]}
+    assert run_grid(sum_with_shared, cells, store=tmp_path / "store", shared=shared, executor="dask",
+                    scheduler=cluster.scheduler_address, progress=False) == [5, 6, 7]
+
+
 def test_dask_grid_reports_a_failing_cell_with_its_parameters_while_the_others_finish(
     cluster, markers: Path, tmp_path: Path
 ) -> None:

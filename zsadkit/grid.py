@@ -390,7 +390,8 @@ def _run_on_dask(
 
     needed = {name: amount for name, amount in (resources or {}).items() if amount} or None
     with dask_client(scheduler, workers=workers, resources=needed) as client:
-        scattered = {name: client.scatter(value, broadcast=True, hash=False) for name, value in shared.items()}
+        # one future per shared object, whatever its type (scattering a list or dict itself gives one per item)
+        scattered = {name: client.scatter([value], broadcast=True, hash=False)[0] for name, value in shared.items()}
         run = uuid.uuid4().hex[:8]
         futures = {client.submit(_compute_cell, function, cell, str(paths[digest]), threads, scattered, reuse,
                                  key=f"cell-{digest[:12]}-{run}", resources=needed): digest
